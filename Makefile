@@ -1,0 +1,38 @@
+# gannet: `make train` and `make test` each set everything up first (a venv in .venv).
+# torch is installed before anything else so that accelerate/deepspeed never pull a CUDA build
+# on a CPU machine; on a GPU cluster the same pin resolves to the CUDA wheel.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gannet-installed
+MNIST := data/mnist/train-000000.tar
+CONFIG ?= lsgan_mnist
+
+.PHONY: install train test shards clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+$(MNIST): | $(STAMP)
+	$(BIN)/gannet shards mnist --out data/mnist
+
+shards: $(MNIST)
+
+# Trains the default LSGAN on the bundled real MNIST digits; runs/lsgan_mnist/samples/*.png.
+# Running it again continues the same run (resume=auto) instead of starting over.
+train: $(STAMP) $(MNIST)
+	$(BIN)/gannet train $(CONFIG) resume=auto $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,1 @@
+"""Networks (models.networks) and GAN recipes (models.recipes): what is trained, never where."""

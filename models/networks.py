@@ -1,0 +1,118 @@
+"""Network registry and the DCGAN generator/discriminator.
+
+Networks are small modules registered by name, so a config picks them (`model.generator: dcgan`)
+and a new architecture is one decorated class. Builders take the model and data config sections
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trainer.config import DataConfig, ModelConfig
+from trainer.errors import ConfigError
+
+Builder = Callable[[ModelConfig, DataConfig], nn.Module]
+GENERATORS: dict[str, Builder] = {}
+DISCRIMINATORS: dict[str, Builder] = {}
+
+
+def register(table: dict[str, Builder], name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        table[name] = builder
+        return builder
+
+    return add
+
+
+def build(table: dict[str, Builder], name: str, model: ModelConfig, data: DataConfig) -> nn.Module:
+    if name not in table:
+        kind = "model.generator" if table is GENERATORS else "model.discriminator"
+        raise ConfigError(f"{kind}={name!r} is not registered (choose one of: {', '.join(sorted(table))})")
+    return table[name](model, data)
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's init: conv weights N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def dcgan_plan(image_size: int) -> tuple[int, int]:
+    """(base resolution, number of 2x stages): 28 -> (7, 2), 32 -> (4, 3), 64 -> (4, 4).
+
+    DCGAN grows a 4x4 (or 7x7 for MNIST's 28 px) map by fractionally-strided convolutions that
+    each double the side, so the side must be base * 2**n.
+    """
+    for base in (4, 7):
+        stages = math.log2(image_size / base)
+        if stages >= 1 and stages == int(stages):
+            return base, int(stages)
+    raise ConfigError(f"data.image_size={image_size} does not fit DCGAN (use 4 or 7 times a power of two: 28, 32, 64, 128)")
+
+
+class DCGANGenerator(nn.Module):
+    """z -> image, following the DCGAN guidelines (Radford et al. 2016).
+
+    A transposed conv projects z to base x base, then each stage doubles the side and halves the
+    channels; BatchNorm + ReLU everywhere except the output, which is Tanh (images in [-1, 1]).
+    No pooling and no fully connected hidden layers.
+    """
+
+    def __init__(self, z_dim: int, width: int, channels: int, image_size: int):
+        super().__init__()
+        base, stages = dcgan_plan(image_size)
+        chans = [width * 2 ** (stages - 1 - i) for i in range(stages)]  # e.g. 256, 128, 64
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(z_dim, chans[0], base, 1, 0, bias=False),
+            nn.BatchNorm2d(chans[0]),
+            nn.ReLU(True),
+        ]
+        for c_in, c_out in zip(chans, chans[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(chans[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.z_dim = z_dim
+        self.apply(dcgan_init)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    """image -> one logit per image: the generator mirrored.
+
+    Strided convs halve the side and double the channels; LeakyReLU(0.2) throughout; BatchNorm on
+    every layer but the input layer (and the output conv, which reduces base x base to 1 x 1).
+    """
+
+    def __init__(self, width: int, channels: int, image_size: int):
+        super().__init__()
+        base, stages = dcgan_plan(image_size)
+        chans = [width * 2**i for i in range(stages)]  # e.g. 64, 128, 256
+        layers: list[nn.Module] = [nn.Conv2d(channels, chans[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(chans[-1], 1, base, 1, 0, bias=False)]
+        self.net = nn.Sequential(*layers)
+        self.apply(dcgan_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+@register(GENERATORS, "dcgan")
+def _dcgan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return DCGANGenerator(model.z_dim, model.g_width, data.channels, data.image_size)
+
+
+@register(DISCRIMINATORS, "dcgan")
+def _dcgan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return DCGANDiscriminator(model.d_width, data.channels, data.image_size)

@@ -1,0 +1,108 @@
+"""What a recipe sees of the engine, and the adversarial iteration most GANs share.
+
+`Step` is the whole interface between a recipe and the distributed engine: the wrapped networks,
+a fresh real batch, noise, `update` (backward + optimizer step, however the engine does it), and
+`frozen` (a network used inside another network's update, with no gradient of its own).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from models import networks
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+
+class Step(Protocol):
+    nets: Mapping[str, nn.Module]
+
+    def batch(self) -> dict[str, torch.Tensor]: ...
+
+    def noise(self, n: int, dim: int) -> torch.Tensor: ...
+
+    def update(self, name: str, loss: torch.Tensor) -> None: ...
+
+    def frozen(self, name: str) -> AbstractContextManager: ...
+
+
+@dataclass
+class AdversarialParams:
+    name: ClassVar[str] = ""
+    d_steps: int = 1  # k discriminator steps per generator step (Goodfellow et al., Algorithm 1)
+
+    def validate(self) -> None:
+        if self.d_steps < 1:
+            raise ConfigError(f"recipe.d_steps={self.d_steps} must be >= 1")
+
+
+class AdversarialRecipe:
+    """One generator G(z) against one discriminator D(x), trained by Algorithm 1 of the GAN paper.
+
+    Each iteration: k times, a real minibatch and a noise minibatch update D; then a fresh noise
+    minibatch updates G through a frozen D. Subclasses supply only the losses, so the minimax
+    GAN, the non-saturating GAN and LSGAN share one, tested, update order.
+    """
+
+    Params: ClassVar[type] = AdversarialParams
+    net_names: ClassVar[tuple[str, ...]] = ("G", "D")
+
+    def __init__(self, params: AdversarialParams, cfg: Config):
+        self.params = params
+        self.cfg = cfg
+
+    def build(self) -> dict[str, nn.Module]:
+        model, data = self.cfg.model, self.cfg.data
+        return {
+            "G": networks.build(networks.GENERATORS, model.generator, model, data),
+            "D": networks.build(networks.DISCRIMINATORS, model.discriminator, model, data),
+        }
+
+    def d_loss(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def g_loss(self, fake_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def d_stat(self, out: torch.Tensor) -> torch.Tensor:
+        """What the dashboards call D(x): a probability for the GAN, the raw score for LSGAN."""
+        return out.mean()
+
+    def iteration(self, step: Step) -> dict[str, torch.Tensor]:
+        G, D = step.nets["G"], step.nets["D"]
+        for _ in range(self.params.d_steps):
+            real = step.batch()["image"]
+            with torch.no_grad():
+                fake = G(step.noise(real.shape[0], self.cfg.model.z_dim))
+            real_out, fake_out = D(real).float(), D(fake).float()  # losses in fp32 under bf16/fp16
+            loss_d = self.d_loss(real_out, fake_out)
+            step.update("D", loss_d)
+        with step.frozen("D"):
+            gen_out = D(G(step.noise(real.shape[0], self.cfg.model.z_dim))).float()
+            loss_g = self.g_loss(gen_out)
+            step.update("G", loss_g)
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_real": self.d_stat(real_out.detach()),
+            "d_fake": self.d_stat(fake_out.detach()),
+        }
+
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The inputs behind every sample grid of a run: drawn once from the run's seed."""
+        return {"z": torch.randn(n, self.cfg.model.z_dim, generator=generator)}
+
+    def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return nets["G"](inputs["z"])
+
+    def state_dict(self) -> dict:
+        """Recipe state beyond the networks (none here; CycleGAN's image pools, say)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state

@@ -1,0 +1,268 @@
+"""Typed experiment configs: dataclass defaults <- YAML file <- `key=value` overrides.
+
+Every value is checked against its field's type before anything starts, so a typo costs one
+line on the terminal (exit 2), never a half-started multi-node job. The recipe section is typed
+by the recipe it names: each recipe module declares its own `Params` dataclass.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    shards: str = "data/mnist/train-{000000..000008}.tar"  # brace pattern, glob, or pipe:
+    image_size: int = 28
+    channels: int = 1
+    batch_size: int = 64  # per process
+    num_workers: int = 1  # loader processes per rank; each reads its own shards
+    shuffle_buffer: int = 1000
+    max_errors: int = 100  # corrupt samples/shards skipped before the run stops
+
+
+@dataclass
+class ModelConfig:
+    """Which registered networks to build, and their widths."""
+
+    generator: str = "dcgan"
+    discriminator: str = "dcgan"
+    z_dim: int = 100
+    g_width: int = 64  # channels of G's last hidden layer (DCGAN's ngf)
+    d_width: int = 64  # channels of D's first layer (DCGAN's ndf)
+
+
+@dataclass
+class OptimConfig:
+    """Adam for one network, with an optional linear decay to zero (as CycleGAN uses)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear"] = "constant"
+    decay_from: int = 0  # step where linear decay starts (schedule=linear)
+
+
+@dataclass
+class OptimPair:
+    g: OptimConfig = field(default_factory=OptimConfig)
+    d: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The step budget and how often the loop writes things."""
+
+    steps: int = 3000  # generator steps (each preceded by recipe.d_steps D-steps)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False  # force CPU even when a GPU is present
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    num_samples: int = 64  # images in each sample grid (fixed noise)
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "gannet"
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto = bar on a terminal, lines otherwise
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    run_dir: str = ""  # default: runs/<name>
+    resume: Literal["never", "auto"] = "never"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: Any = None  # the named recipe's Params dataclass
+    optim: OptimPair = field(default_factory=OptimPair)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path as given, or a name under configs/ (`lsgan_mnist` -> configs/lsgan_mnist.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' not found: not a file, and not one of configs/ ({known})")
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, and validate the result."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a validated Config from plain data (YAML, a run's saved config.yaml)."""
+    from models.recipes import get_recipe  # the recipe section is typed by the recipe it names
+
+    raw = dict(raw)
+    recipe_raw = raw.pop("recipe", None)
+    if not isinstance(recipe_raw, dict) or "name" not in recipe_raw:
+        raise ConfigError("recipe.name is required (e.g. recipe: {name: lsgan})")
+    recipe_raw = dict(recipe_raw)
+    recipe_cls = get_recipe(str(recipe_raw.pop("name"))).Params
+    cfg = _build(Config, raw, "")
+    cfg.recipe = _build(recipe_cls, recipe_raw, "recipe.")
+    _check_ranges(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain data for config.yaml and W&B; `config_from_dict` reads it back to an equal Config."""
+    out = asdict(cfg)
+    out["recipe"] = {"name": cfg.recipe.name, **asdict(cfg.recipe)}
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)})")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        elif hint is Any:
+            continue
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed (choose one of: {', '.join(map(str, allowed))})")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values, e.g. [0.5, 0.999]")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {hint}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that type-check but cannot work: caught here, not in the middle of a run."""
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.channels": cfg.data.channels,
+        "data.batch_size": cfg.data.batch_size,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "model.z_dim": cfg.model.z_dim,
+        "model.g_width": cfg.model.g_width,
+        "model.d_width": cfg.model.d_width,
+        "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+        "train.sample_every": cfg.train.sample_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.num_samples": cfg.train.num_samples,
+        "optim.g.lr": cfg.optim.g.lr,
+        "optim.d.lr": cfg.optim.d.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for net in ("g", "d"):
+        opt: OptimConfig = getattr(cfg.optim, net)
+        if not all(0.0 <= b < 1.0 for b in opt.betas):
+            raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
+        if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:
+            raise ConfigError(f"optim.{net}.decay_from={opt.decay_from} must be in [0, train.steps={cfg.train.steps})")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels} is not allowed (choose one of: 1, 3)")
+    checker = getattr(cfg.recipe, "validate", None)
+    if checker is not None:
+        checker()
+

@@ -1,0 +1,217 @@
+"""The WebDataset stream: shards -> raw samples -> shuffle -> decode -> batches, resumable.
+
+Design (see DESIGN.md, "WebDataset rules"):
+- Every epoch the shard list is permuted with the same seed on every rank, then split by rank and
+  by loader worker, so one pass visits each shard once across the whole job (disjoint reads).
+- Each worker runs its own endless sequence of epochs; the stream has no end, the loop counts
+  steps. Because no worker ever runs dry, the DataLoader hands out batches in strict
+  round-robin order over workers, which makes the position of the stream exact to save:
+  per worker (epoch, raw samples consumed in that epoch), plus which worker is next.
+- Shuffling happens on raw (undecoded) samples from a seeded buffer, and decoding comes after,
+  so resuming replays only tar reads to the saved position, never image decodes or transforms.
+- A sample or shard that fails to read or decode is skipped and counted. Counts travel with the
+  batches to the training process, which enforces `data.max_errors` for the whole run.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from trainer.config import DataConfig
+from trainer.errors import ConfigError, DataError
+
+log = logging.getLogger("gannet.data")
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Shard URLs from a brace pattern, a glob, a comma list, or `pipe:` commands.
+
+    Local files must exist now: a typo in a shard path is a config error at start-up, not an
+    endless stream of skipped shards later.
+    """
+    urls: list[str] = []
+    for part in pattern.split(","):
+        for url in braceexpand.braceexpand(part.strip()):
+            if "://" in url or url.startswith("pipe:"):
+                urls.append(url)
+                continue
+            matches = sorted(glob.glob(url)) if glob.has_magic(url) else ([url] if os.path.exists(url) else [])
+            if not matches:
+                raise ConfigError(
+                    f"data.shards: no file matches '{url}' (write shards with `gannet shards mnist --out DIR`, "
+                    f"or point data.shards at existing .tar files)"
+                )
+            urls.extend(matches)
+    if not urls:
+        raise ConfigError(f"data.shards={pattern!r} names no shards")
+    return urls
+
+
+def decode_image_sample(sample: dict[str, Any], image_size: int, channels: int) -> dict[str, torch.Tensor]:
+    """One raw WebDataset sample -> {"image": CxHxW float in [-1, 1], "label": int (-1 if none)}."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no image field (looked for {', '.join(IMAGE_KEYS)})")
+    with Image.open(io.BytesIO(sample[key])) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.float32)
+    if channels == 1:
+        pixels = pixels[None]
+    else:
+        pixels = pixels.transpose(2, 0, 1)
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return {"image": torch.from_numpy(pixels / 127.5 - 1.0), "label": torch.tensor(label)}
+
+
+@dataclass
+class StreamPosition:
+    """Where each loader worker of one rank stands: enough to restart the stream exactly."""
+
+    epochs: list[int]
+    consumed: list[int]  # raw samples taken from the shuffle buffer in the current epoch
+    next_worker: int = 0
+    errors: int = 0  # samples/shards skipped so far, over the whole run (this rank)
+
+    @classmethod
+    def start(cls, workers: int) -> "StreamPosition":
+        return cls(epochs=[0] * workers, consumed=[0] * workers)
+
+    def state_dict(self) -> dict:
+        return {"epochs": list(self.epochs), "consumed": list(self.consumed), "next_worker": self.next_worker, "errors": self.errors}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StreamPosition":
+        return cls(**state)
+
+
+@dataclass
+class _WorkerCounters:
+    errors: int = 0
+    skipping: bool = False
+    last_error: str = field(default="")
+
+
+class ShardStream(IterableDataset):
+    """An endless, per-rank stream of decoded, collated batches (see the module docstring)."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, *, rank: int, world: int, seed: int, position: StreamPosition):
+        super().__init__()
+        self.urls, self.cfg = urls, cfg
+        self.rank, self.world, self.seed = rank, world, seed
+        self.position = position
+        self.workers = max(cfg.num_workers, 1)
+
+    def shards_for(self, epoch: int, worker: int) -> list[str]:
+        order = list(self.urls)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # same on every rank
+        return order[self.rank :: self.world][worker :: self.workers]
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.position.next_worker) % self.workers
+        epoch, skip = self.position.epochs[worker], self.position.consumed[worker]
+        counters = _WorkerCounters()
+
+        def on_error(exn: Exception) -> bool:
+            if not counters.skipping:  # errors before the resume point were counted by the earlier run
+                counters.errors += 1
+                counters.last_error = f"{type(exn).__name__}: {exn}"
+                log.warning("skipped unreadable shard data (rank %d, worker %d): %s", self.rank, worker, counters.last_error)
+            return True
+
+        while True:
+            shards = self.shards_for(epoch, worker)
+            raw = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
+            buffer = self.cfg.shuffle_buffer
+            shuffled = wds.shuffle(buffer, initial=buffer, seed=f"{self.seed}/{epoch}/{self.rank}/{worker}")(raw)
+            consumed, batch, decoded_any = 0, [], False
+            counters.skipping = skip > 0
+            for sample in shuffled:
+                consumed += 1
+                if consumed <= skip:
+                    counters.skipping = consumed < skip
+                    continue
+                try:
+                    batch.append(decode_image_sample(sample, self.cfg.image_size, self.cfg.channels))
+                    decoded_any = True
+                except Exception as exn:  # a corrupt sample costs one sample, not the run
+                    on_error(exn)
+                    continue
+                if len(batch) == self.cfg.batch_size:
+                    collated = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
+                    yield collated, {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": counters.errors}
+                    batch = []
+            if not decoded_any and skip == 0:
+                raise DataError(
+                    f"rank {self.rank} worker {worker} read no usable sample in a whole pass over its shards "
+                    f"{shards} (last error: {counters.last_error or 'none; are the shards empty?'})"
+                )
+            epoch, skip = epoch + 1, 0  # the incomplete last batch of an epoch is dropped
+
+
+class DataStream:
+    """The training process's end of the stream: batches in order, and the position to save."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, *, rank: int, world: int, seed: int,
+                 position: StreamPosition | None = None):
+        self.urls = urls
+        workers = max(cfg.num_workers, 1)
+        if len(self.urls) < world * workers:
+            raise DataError(
+                f"data.shards: {len(self.urls)} shard(s) cannot feed {world} rank(s) x {workers} loader worker(s) "
+                f"without overlap; write more, smaller shards (gannet shards ... --shard-size) or lower data.num_workers"
+            )
+        self.cfg = cfg
+        self.position = position or StreamPosition.start(workers)
+        if len(self.position.epochs) != workers:
+            raise DataError(
+                f"the checkpoint's data position has {len(self.position.epochs)} loader worker(s) but data.num_workers "
+                f"gives {workers}; resume with data.num_workers={len(self.position.epochs)}"
+            )
+        self.errors_at_start = self.position.errors
+        self._worker_errors = [0] * workers
+        dataset = ShardStream(self.urls, cfg, rank=rank, world=world, seed=seed, position=self.position)
+        self._loader = wds.WebLoader(
+            dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=torch.cuda.is_available(),
+            # Its own generator: by default a DataLoader draws its workers' base seed from the global
+            # torch RNG when iteration starts, which would shift the noise stream after a resume.
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._iter: Iterator | None = None
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self._loader)
+        batch, meta = next(self._iter)
+        worker = meta["worker"]
+        self.position.epochs[worker] = meta["epoch"]
+        self.position.consumed[worker] = meta["consumed"]
+        self.position.next_worker = (worker + 1) % len(self.position.epochs)
+        self._worker_errors[worker] = meta["errors"]
+        self.position.errors = self.errors_at_start + sum(self._worker_errors)
+        if self.position.errors > self.cfg.max_errors:
+            raise DataError(
+                f"{self.position.errors} corrupt samples/shards skipped, over the budget data.max_errors="
+                f"{self.cfg.max_errors}; check the shards (the log names each one) or raise the budget"
+            )
+        return batch
+
+    def __iter__(self) -> "DataStream":
+        return self

@@ -1,0 +1,167 @@
+"""The training loop: one function, read top to bottom.
+
+    run directory -> networks + optimizers -> engine -> (resume) -> data stream -> steps -> close
+
+Every rank runs this same function; rank 0 alone writes logs, samples and shared checkpoint
+files. What a training iteration does is the recipe's business (models.recipes); how gradients
+move between processes is the engine's (trainer.engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from models.recipes import get_recipe
+from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.config import Config, OptimConfig, config_to_dict
+from trainer.data import DataStream, StreamPosition, expand_urls
+from trainer.engine import Engine
+from trainer.errors import ConfigError
+from trainer.images import save_grid
+from trainer.tracking import Tracker
+
+log = logging.getLogger("gannet")
+
+
+def lr_factor(opt: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Constant, or constant until `decay_from` and then linear to zero at the last step."""
+    if opt.schedule == "constant":
+        return lambda step: 1.0
+    span = total_steps - opt.decay_from
+    return lambda step: 1.0 - max(0, step - opt.decay_from) / span
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config) -> Path:
+    """Train `cfg` to `cfg.train.steps` generator steps, resuming its run directory if asked."""
+    run_dir = cfg.run_path
+    shard_urls = expand_urls(cfg.data.shards)  # a wrong path fails here, before any process group
+    engine = Engine(cfg.train)
+
+    # 1. The run directory: refuse to overwrite a run by accident; find the resume point.
+    resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    if cfg.resume == "never" and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest {latest_checkpoint(run_dir).name}); add resume=auto to "
+            f"continue it, or choose another run_dir=... or name=..."
+        )
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("gannet").addHandler(handler)
+    engine.barrier()
+
+    # 2. Networks and optimizers, initialised identically on every rank from the run's seed.
+    torch.manual_seed(cfg.seed)
+    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
+    nets = recipe.build()
+    optim_cfg = {"G": cfg.optim.g, "D": cfg.optim.d}
+    optimizers = {
+        name: torch.optim.Adam(net.parameters(), lr=optim_cfg[name].lr, betas=optim_cfg[name].betas,
+                               weight_decay=optim_cfg[name].weight_decay)
+        for name, net in nets.items()
+    }
+    schedulers = {
+        name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim_cfg[name], cfg.train.steps))
+        for name, opt in optimizers.items()
+    }
+    engine.prepare(nets, optimizers)
+    fixed_inputs = recipe.fixed_inputs(cfg.train.num_samples, torch.Generator().manual_seed(cfg.seed))
+
+    # 3. Randomness differs per rank (each draws its own noise); then restore everything saved.
+    seed_everything(cfg.seed + 1000 * engine.rank)
+    step, position = 0, None
+    if resume_from is not None:
+        weights, shared, own = load_checkpoint(resume_from, engine.rank)
+        engine.load_weights(weights)
+        engine.load_state_dict(shared["engine"])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(shared["schedulers"][name])
+        recipe.load_state_dict(shared["recipe"])
+        step = shared["step"]
+        if own is not None and shared["world"] == engine.world:
+            set_rng_state(own["rng"])
+            position = StreamPosition.from_state(own["data"])
+        else:
+            log.warning("resuming on %d processes from a %d-process checkpoint: models and optimizers are restored "
+                        "exactly, the data stream and noise restart from fresh seeds", engine.world, shared["world"])
+            seed_everything(cfg.seed + 1000 * engine.rank + step)
+        log.info("resumed %s at step %d", resume_from, checkpoint_step(resume_from))
+    engine.data = DataStream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, position=position)
+    tracker = Tracker(run_dir, cfg, enabled=engine.is_main, start_step=step)
+    if step >= cfg.train.steps:
+        log.info("%s is already at step %d of %d: nothing to do", run_dir, step, cfg.train.steps)
+
+    # 4. The loop: one recipe iteration per step; log, sample and checkpoint on their schedules.
+    images_per_step = cfg.data.batch_size * cfg.recipe.d_steps * engine.world
+    clock, clock_step = time.perf_counter(), step
+    while step < cfg.train.steps:
+        metrics = recipe.iteration(engine)
+        for scheduler in schedulers.values():
+            scheduler.step()
+        step += 1
+        tracker.advance()
+        last = step == cfg.train.steps
+
+        if step % cfg.train.log_every == 0 or last:
+            names = sorted(metrics)
+            values = engine.accelerator.reduce(torch.stack([metrics[k].float() for k in names]), "mean").tolist()
+            elapsed = time.perf_counter() - clock
+            record = {f"train/{k}": v for k, v in zip(names, values)}
+            record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in schedulers.items()})
+            record["data/skipped"] = float(engine.data.position.errors)
+            record["perf/images_per_s"] = images_per_step * (step - clock_step) / max(elapsed, 1e-9)
+            tracker.log(step, record)
+            clock, clock_step = time.perf_counter(), step
+
+        if step % cfg.train.sample_every == 0 or last:
+            images = generate_samples(engine, recipe, fixed_inputs)
+            if engine.is_main:
+                path = save_grid(images, run_dir / "samples" / f"step-{step:08d}.png")
+                tracker.log_image(step, "samples/fixed_noise", path)
+
+        if step % cfg.train.checkpoint_every == 0 or last:
+            save_checkpoint(
+                run_dir, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
+                weights=engine.weights(),
+                shared={
+                    "step": step, "world": engine.world, "networks": list(engine.nets),
+                    "engine": engine.state_dict(), "recipe": recipe.state_dict(),
+                    "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                },
+                per_rank={"rng": rng_state(), "data": engine.data.position.state_dict()},
+            )
+
+    # 5. Done: flush the dashboard, leave the process group cleanly.
+    tracker.finish()
+    engine.close()
+    if engine.is_main:
+        log.info("finished %s at step %d; samples in %s", run_dir, step, run_dir / "samples")
+    return run_dir
+
+
+def generate_samples(engine: Engine, recipe, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fixed-input grid. Every rank runs it (sharded models need all ranks in a forward);
+    networks go to eval mode, so sampling leaves BatchNorm statistics and RNG streams untouched."""
+    for net in engine.nets.values():
+        net.eval()
+    with torch.no_grad():
+        images = recipe.generate(engine.nets, {k: v.to(engine.device) for k, v in inputs.items()})
+    for net in engine.nets.values():
+        net.train()
+    return images
