@@ -58,6 +58,11 @@ def dcgan_plan(image_size: int) -> tuple[int, int]:
     raise ConfigError(f"data.image_size={image_size} does not fit DCGAN (use 4 or 7 times a power of two: 28, 32, 64, 128)")
 
 
+def norm_layer(channels: int, batch_norm: bool) -> list[nn.Module]:
+    """BatchNorm where DCGAN puts it; `model.norm=none` drops it (and the convs get biases back)."""
+    return [nn.BatchNorm2d(channels)] if batch_norm else []
+
+
 class DCGANGenerator(nn.Module):
     """z -> image, following the DCGAN guidelines (Radford et al. 2016).
 
@@ -66,17 +71,17 @@ class DCGANGenerator(nn.Module):
     No pooling and no fully connected hidden layers.
     """
 
-    def __init__(self, z_dim: int, width: int, channels: int, image_size: int):
+    def __init__(self, z_dim: int, width: int, channels: int, image_size: int, batch_norm: bool = True):
         super().__init__()
         base, stages = dcgan_plan(image_size)
         chans = [width * 2 ** (stages - 1 - i) for i in range(stages)]  # e.g. 256, 128, 64
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim, chans[0], base, 1, 0, bias=False),
-            nn.BatchNorm2d(chans[0]),
+            nn.ConvTranspose2d(z_dim, chans[0], base, 1, 0, bias=not batch_norm),
+            *norm_layer(chans[0], batch_norm),
             nn.ReLU(True),
         ]
         for c_in, c_out in zip(chans, chans[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=not batch_norm), *norm_layer(c_out, batch_norm), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(chans[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.z_dim = z_dim
@@ -93,13 +98,13 @@ class DCGANDiscriminator(nn.Module):
     every layer but the input layer (and the output conv, which reduces base x base to 1 x 1).
     """
 
-    def __init__(self, width: int, channels: int, image_size: int):
+    def __init__(self, width: int, channels: int, image_size: int, batch_norm: bool = True):
         super().__init__()
         base, stages = dcgan_plan(image_size)
         chans = [width * 2**i for i in range(stages)]  # e.g. 64, 128, 256
         layers: list[nn.Module] = [nn.Conv2d(channels, chans[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not batch_norm), *norm_layer(c_out, batch_norm), nn.LeakyReLU(0.2, True)]
         layers += [nn.Conv2d(chans[-1], 1, base, 1, 0, bias=False)]
         self.net = nn.Sequential(*layers)
         self.apply(dcgan_init)
@@ -110,9 +115,9 @@ class DCGANDiscriminator(nn.Module):
 
 @register(GENERATORS, "dcgan")
 def _dcgan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
-    return DCGANGenerator(model.z_dim, model.g_width, data.channels, data.image_size)
+    return DCGANGenerator(model.z_dim, model.g_width, data.channels, data.image_size, model.norm == "batch")
 
 
 @register(DISCRIMINATORS, "dcgan")
 def _dcgan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
-    return DCGANDiscriminator(model.d_width, data.channels, data.image_size)
+    return DCGANDiscriminator(model.d_width, data.channels, data.image_size, model.norm == "batch")

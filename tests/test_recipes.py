@@ -11,7 +11,7 @@ from models.recipes import get_recipe
 from tests.conftest import tiny_overrides
 from trainer.config import load_config
 from trainer.data import DataStream, expand_urls
-from trainer.engine import Engine
+from trainer.engine import make_engine
 
 
 def recipe_for(overrides: list[str], config: str = "gan_mnist"):
@@ -52,7 +52,7 @@ def test_lsgan_losses_use_the_configured_targets():
 def test_iteration_runs_k_d_steps_then_one_g_step_through_a_frozen_d(small_shards, tmp_path, name):
     recipe, cfg = recipe_for(tiny_overrides(small_shards, tmp_path, **{"recipe.d_steps": 3}), f"{name}_mnist")
     torch.manual_seed(0)
-    engine = Engine(cfg.train)
+    engine = make_engine(cfg)
     nets = recipe.build()
     engine.prepare(nets, {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in nets.items()})
     engine.data = DataStream(expand_urls(cfg.data.shards), cfg.data, rank=0, world=1, seed=0)

@@ -74,8 +74,11 @@ def save_checkpoint(
     shared: dict[str, Any],
     per_rank: dict[str, Any],
     keep: int,
+    write_files: Callable[[Path], None] = lambda tmp: None,
 ) -> Path:
-    """Write checkpoint `step` from every rank (all ranks must call this together)."""
+    """Write checkpoint `step` from every rank (all ranks must call this together).
+
+    `write_files(tmp)` runs on every rank, for state that writes itself (DeepSpeed engines)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -89,8 +92,9 @@ def save_checkpoint(
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
             save_state(shared, tmp / "shared")
         save_state(per_rank, tmp / f"rank{rank}")
-        for path in tmp.iterdir():
-            if path.name.startswith(f"rank{rank}.") or rank == 0:
+        write_files(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file() and (path.name.startswith(f"rank{rank}.") or rank == 0):
                 _fsync(path)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,7 @@ class ModelConfig:
     z_dim: int = 100
     g_width: int = 64  # channels of G's last hidden layer (DCGAN's ngf)
     d_width: int = 64  # channels of D's first layer (DCGAN's ndf)
+    norm: Literal["batch", "none"] = "batch"  # none: no BatchNorm (results independent of batch split)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     schedule: Literal["constant", "linear"] = "constant"
     decay_from: int = 0  # step where linear decay starts (schedule=linear)
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage for this network (train.strategy=deepspeed)
 
 
 @dataclass
@@ -65,6 +68,8 @@ class TrainConfig:
     """The step budget and how often the loop writes things."""
 
     steps: int = 3000  # generator steps (each preceded by recipe.d_steps D-steps)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"  # ddp: Accelerate/DDP; deepspeed: one engine per network
+    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = False  # force CPU even when a GPU is present
     log_every: int = 50
@@ -240,6 +245,7 @@ def _check_ranges(cfg: Config) -> None:
         "model.g_width": cfg.model.g_width,
         "model.d_width": cfg.model.d_width,
         "train.steps": cfg.train.steps,
+        "train.grad_accum": cfg.train.grad_accum,
         "train.log_every": cfg.train.log_every,
         "train.sample_every": cfg.train.sample_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
@@ -256,6 +262,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     for net in ("g", "d"):
         opt: OptimConfig = getattr(cfg.optim, net)
+        if opt.clip_grad < 0:
+            raise ConfigError(f"optim.{net}.clip_grad={opt.clip_grad} must be >= 0 (0 = off)")
         if not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
         if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:

@@ -1,16 +1,26 @@
-"""The distributed engine: Accelerate wraps the networks and optimizers; recipes see a `Step`.
+"""The distributed engine: processes, devices, precision and gradient sync; recipes see a `Step`.
 
-The engine knows processes, devices, mixed precision and gradient synchronisation; it does not
-know which GAN it runs. Recipes call `update(name, loss)` and `frozen(name)`, and the engine maps
-them onto DDP (or a single process) following the rules in DESIGN.md: BatchNorm buffers are not
-broadcast (D sees real and fake batches in separate forwards), and a frozen network's forward
-runs under `no_sync` so its reducer never waits for gradients that will not come.
+The engine does not know which GAN it runs. Recipes call `update(name, loss)` once per
+micro-batch and `frozen(name)` around a network used inside another network's update; the engine
+maps them onto one of two strategies (`train.strategy`), following the rules in DESIGN.md:
+
+- `ddp`: Accelerate wraps each network in DDP (or nothing, on one process). BatchNorm buffers
+  are not broadcast (D sees real and fake batches in separate forwards); gradients of all but the
+  last micro-batch of an accumulation stay local (`no_sync`); a frozen network runs under
+  `no_sync` so its reducer never waits for gradients that will not come.
+- `deepspeed`: one native DeepSpeed engine per network, each with its own optimizer and ZeRO
+  stage (`optim.g.zero_stage`, `optim.d.zero_stage`). Accelerate still starts the processes and
+  the process group; DeepSpeed engines are built on top with `deepspeed.initialize`. (Accelerate's
+  own DeepSpeed integration drives one engine per Accelerator, and `accelerator.backward` would
+  step the last-prepared engine, so the native API is the one path here.) Each engine scales the
+  loss by its accumulation steps and steps only at the boundary, so recipes never pre-divide.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -18,21 +28,26 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import Config, OptimConfig
 
 
 class Engine:
-    """One training job's processes: owns the Accelerator, the wrapped nets and optimizers."""
+    """One training job's processes; `make_engine` picks the strategy. Implements recipes' `Step`."""
 
-    def __init__(self, cfg: TrainConfig):
-        cpu = cfg.cpu or not torch.cuda.is_available()
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        cpu = cfg.train.cpu or not torch.cuda.is_available()
         handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
         if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several CPU processes
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=handlers)
+        mixed = cfg.train.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+        self.accumulation = cfg.train.grad_accum
         self.nets: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizers: dict[str, Any] = {}
         self.data: Iterator[dict[str, torch.Tensor]] | None = None
+        self._micro: dict[str, int] = {}
+        self.input_dtype = torch.float32
 
     @property
     def rank(self) -> int:
@@ -50,67 +65,65 @@ class Engine:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
-        names = list(nets)
-        wrapped = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
-        self.nets = dict(zip(names, wrapped[: len(names)]))
-        self.optimizers = dict(zip(names, wrapped[len(names) :]))
-
-    def unwrapped(self, name: str) -> nn.Module:
-        return self.accelerator.unwrap_model(self.nets[name])
+    def optim_config(self, name: str) -> OptimConfig:
+        return {"G": self.cfg.optim.g, "D": self.cfg.optim.d}[name]
 
     # -- the Step interface recipes use -------------------------------------------------------
 
     def batch(self) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
+        out["image"] = out["image"].to(self.input_dtype)
+        return out
 
     def noise(self, n: int, dim: int) -> torch.Tensor:
-        return torch.randn(n, dim, device=self.device)
+        return torch.randn(n, dim, device=self.device).to(self.input_dtype)
+
+    def is_boundary(self, name: str) -> bool:
+        """Whether the next `update(name, ...)` is the last micro-batch of an accumulation."""
+        return (self._micro.get(name, 0) + 1) % self.accumulation == 0
 
     def update(self, name: str, loss: torch.Tensor) -> None:
-        """Backward through `loss` and step `name`'s optimizer (gradients of other nets untouched)."""
-        optimizer = self.optimizers[name]
-        self.accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        raise NotImplementedError
 
     @contextmanager
     def frozen(self, name: str) -> Iterator[None]:
-        """Use `name` inside another network's update: no grads for it, no DDP sync of it."""
-        net = self.nets[name]
-        params = [p for p in net.parameters() if p.requires_grad]
+        """Use `name` inside another network's update: no grads for it, no gradient sync of it."""
+        params = [p for p in self.nets[name].parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
         try:
-            with ExitStack() as stack:
-                if self.accelerator.distributed_type != DistributedType.NO:
-                    stack.enter_context(self.accelerator.no_sync(net))
+            with self._no_sync(name):
                 yield
         finally:
             for p in params:
                 p.requires_grad_(True)
 
-    # -- checkpoint state ---------------------------------------------------------------------
+    def _no_sync(self, name: str) -> Any:
+        """Keep `name`'s gradients local for the duration (a no-op without DDP)."""
+        return nullcontext()
 
-    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: self.unwrapped(name).state_dict() for name in self.nets}
+    # -- strategy-specific pieces ---------------------------------------------------------------
 
-    def load_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        for name, state in weights.items():
-            self.unwrapped(name).load_state_dict(state)
+    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+        raise NotImplementedError
+
+    def module(self, name: str) -> nn.Module:
+        """The plain network (for state dicts); forwards go through `self.nets[name]`."""
+        raise NotImplementedError
+
+    def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Complete weights of every network on every rank (ZeRO-3 gathers; call on all ranks)."""
+        return {name: {k: v.detach().clone() for k, v in self.module(name).state_dict().items()} for name in self.nets}
 
     def state_dict(self) -> dict[str, Any]:
-        scaler = self.accelerator.scaler
-        return {
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        }
+        """The engine's part of the shared checkpoint state (rank 0 writes it)."""
+        raise NotImplementedError
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for name, opt_state in state["optimizers"].items():
-            self.optimizers[name].load_state_dict(opt_state)
-        if state["scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+    def save_files(self, tmp_dir: Path) -> None:
+        """Files every rank writes into the checkpoint folder itself (DeepSpeed's partitions)."""
+
+    def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -121,3 +134,125 @@ class Engine:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class DDPEngine(Engine):
+    """Accelerate + DDP (or a single process): the default strategy."""
+
+    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+        names = list(nets)
+        wrapped = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
+        self.nets = dict(zip(names, wrapped[: len(names)]))
+        self.optimizers = dict(zip(names, wrapped[len(names) :]))
+
+    def module(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.nets[name])
+
+    def _no_sync(self, name: str) -> Any:
+        if self.accelerator.distributed_type == DistributedType.NO:
+            return nullcontext()
+        return self.accelerator.no_sync(self.nets[name])
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        """Backward (scaled for accumulation); step `name`'s optimizer on the last micro-batch."""
+        boundary = self.is_boundary(name)
+        with nullcontext() if boundary else self._no_sync(name):  # sync once, on the last micro-batch
+            self.accelerator.backward(loss / self.accumulation)
+        self._micro[name] = self._micro.get(name, 0) + 1
+        if not boundary:
+            return
+        clip = self.optim_config(name).clip_grad
+        if clip > 0:
+            self.accelerator.clip_grad_norm_(self.nets[name].parameters(), clip)
+        optimizer = self.optimizers[name]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+
+    def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for name, state in weights.items():
+            self.module(name).load_state_dict(state)
+        for name, opt_state in shared["optimizers"].items():
+            self.optimizers[name].load_state_dict(opt_state)
+        if shared["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(shared["scaler"])
+
+
+class DeepSpeedEngine(Engine):
+    """One native DeepSpeed engine per network (ZeRO 0-3 each), on Accelerate's process group."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        import deepspeed
+
+        backend = "gloo" if self.device.type == "cpu" else "nccl"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        precision = cfg.train.mixed_precision
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    def ds_config(self, name: str) -> dict[str, Any]:
+        opt = self.optim_config(name)
+        micro = self.cfg.data.batch_size
+        precision = self.cfg.train.mixed_precision
+        return {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": self.accumulation,
+            "train_batch_size": micro * self.accumulation * self.world,
+            "gradient_clipping": opt.clip_grad,  # DeepSpeed silently defaults to 1.0: always explicit
+            "zero_optimization": {"stage": opt.zero_stage},
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+        import deepspeed
+
+        for name, net in nets.items():
+            engine, optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizers[name], config=self.ds_config(name))
+            self.nets[name], self.optimizers[name] = engine, optimizer
+
+    def module(self, name: str) -> nn.Module:
+        return self.nets[name].module
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        engine = self.nets[name]
+        engine.backward(loss)
+        engine.step()  # a real optimizer step only at the accumulation boundary
+        self._micro[name] = self._micro.get(name, 0) + 1
+
+    def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        import deepspeed
+
+        out = {}
+        for name in self.nets:
+            module = self.module(name)
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) \
+                if self.optim_config(name).zero_stage == 3 else nullcontext()
+            with gather:
+                out[name] = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"deepspeed": sorted(self.nets)}
+
+    def save_files(self, tmp_dir: Path) -> None:
+        """Each engine saves its own (partitioned) state in DeepSpeed's format, on every rank."""
+        for name, engine in self.nets.items():
+            engine.save_checkpoint(str(tmp_dir / f"deepspeed_{name}"), tag="state", save_latest=False)
+
+    def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for name, engine in self.nets.items():
+            engine.load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+
+
+def make_engine(cfg: Config) -> Engine:
+    return {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}[cfg.train.strategy](cfg)

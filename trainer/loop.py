@@ -23,7 +23,7 @@ from models.recipes import get_recipe
 from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import Config, OptimConfig, config_to_dict
 from trainer.data import DataStream, StreamPosition, expand_urls
-from trainer.engine import Engine
+from trainer.engine import Engine, make_engine
 from trainer.errors import ConfigError
 from trainer.images import save_grid
 from trainer.tracking import Tracker
@@ -49,7 +49,7 @@ def train(cfg: Config) -> Path:
     """Train `cfg` to `cfg.train.steps` generator steps, resuming its run directory if asked."""
     run_dir = cfg.run_path
     shard_urls = expand_urls(cfg.data.shards)  # a wrong path fails here, before any process group
-    engine = Engine(cfg.train)
+    engine = make_engine(cfg)
 
     # 1. The run directory: refuse to overwrite a run by accident; find the resume point.
     resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
@@ -88,8 +88,7 @@ def train(cfg: Config) -> Path:
     step, position = 0, None
     if resume_from is not None:
         weights, shared, own = load_checkpoint(resume_from, engine.rank)
-        engine.load_weights(weights)
-        engine.load_state_dict(shared["engine"])
+        engine.load_state(resume_from, shared["engine"], weights)
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(shared["schedulers"][name])
         recipe.load_state_dict(shared["recipe"])
@@ -108,7 +107,7 @@ def train(cfg: Config) -> Path:
         log.info("%s is already at step %d of %d: nothing to do", run_dir, step, cfg.train.steps)
 
     # 4. The loop: one recipe iteration per step; log, sample and checkpoint on their schedules.
-    images_per_step = cfg.data.batch_size * cfg.recipe.d_steps * engine.world
+    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * cfg.recipe.d_steps * engine.world
     clock, clock_step = time.perf_counter(), step
     while step < cfg.train.steps:
         metrics = recipe.iteration(engine)
@@ -138,7 +137,7 @@ def train(cfg: Config) -> Path:
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(
                 run_dir, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
-                weights=engine.weights(),
+                weights=engine.full_weights(), write_files=engine.save_files,
                 shared={
                     "step": step, "world": engine.world, "networks": list(engine.nets),
                     "engine": engine.state_dict(), "recipe": recipe.state_dict(),

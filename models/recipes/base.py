@@ -3,6 +3,8 @@
 `Step` is the whole interface between a recipe and the distributed engine: the wrapped networks,
 a fresh real batch, noise, `update` (backward + optimizer step, however the engine does it), and
 `frozen` (a network used inside another network's update, with no gradient of its own).
+`update` is called once per micro-batch with the plain loss; the engine scales it for gradient
+accumulation and steps the optimizer on the last micro-batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from trainer.errors import ConfigError
 
 class Step(Protocol):
     nets: Mapping[str, nn.Module]
+    accumulation: int  # micro-batches per optimizer step: call `update` this many times per step
 
     def batch(self) -> dict[str, torch.Tensor]: ...
 
@@ -50,7 +53,6 @@ class AdversarialRecipe:
     """
 
     Params: ClassVar[type] = AdversarialParams
-    net_names: ClassVar[tuple[str, ...]] = ("G", "D")
 
     def __init__(self, params: AdversarialParams, cfg: Config):
         self.params = params
@@ -74,18 +76,20 @@ class AdversarialRecipe:
         return out.mean()
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
-        G, D = step.nets["G"], step.nets["D"]
+        G, D, z_dim = step.nets["G"], step.nets["D"], self.cfg.model.z_dim
         for _ in range(self.params.d_steps):
-            real = step.batch()["image"]
-            with torch.no_grad():
-                fake = G(step.noise(real.shape[0], self.cfg.model.z_dim))
-            real_out, fake_out = D(real).float(), D(fake).float()  # losses in fp32 under bf16/fp16
-            loss_d = self.d_loss(real_out, fake_out)
-            step.update("D", loss_d)
+            for _ in range(step.accumulation):  # micro-batches; the engine steps on the last one
+                real = step.batch()["image"]
+                with torch.no_grad():
+                    fake = G(step.noise(real.shape[0], z_dim))
+                real_out, fake_out = D(real).float(), D(fake).float()  # losses in fp32 under bf16/fp16
+                loss_d = self.d_loss(real_out, fake_out)
+                step.update("D", loss_d)
         with step.frozen("D"):
-            gen_out = D(G(step.noise(real.shape[0], self.cfg.model.z_dim))).float()
-            loss_g = self.g_loss(gen_out)
-            step.update("G", loss_g)
+            for _ in range(step.accumulation):
+                gen_out = D(G(step.noise(real.shape[0], z_dim))).float()
+                loss_g = self.g_loss(gen_out)
+                step.update("G", loss_g)
         return {
             "loss_d": loss_d.detach(),
             "loss_g": loss_g.detach(),

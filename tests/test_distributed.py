@@ -1,0 +1,141 @@
+"""Real multi-process runs on CPU (gloo): accelerate launch with 2 processes and with 2 emulated
+nodes, DDP vs single-process and accumulation equivalence, DeepSpeed ZeRO 1-3 against DDP, exact
+DeepSpeed resume, and DDP resume on a different number of processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, tiny_overrides
+
+BIN = Path(sys.executable).parent
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=env or CPU_ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-5000:]}"
+    return result
+
+
+def accelerate_train(overrides: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` on CPU as DESIGN.md prescribes (ACCELERATE_USE_CPU + --multi_gpu)."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "trainer", "train", "lsgan_mnist", *overrides]
+    return run(cmd, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"})
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_to_the_end(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate_train(tiny_overrides(small_shards, run_dir, **{"train.steps": 24, "train.checkpoint_every": 12}))
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 24]  # rank 0 alone writes: no duplicated lines
+    final = run_dir / "checkpoints" / "step-00000024"
+    assert {p.name for p in final.iterdir()} >= {"G.safetensors", "D.safetensors", "rank0.json", "rank1.json"}
+    assert rows[-1]["perf/images_per_s"] > 0
+
+
+def test_two_emulated_nodes_on_loopback(small_shards, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    overrides = tiny_overrides(small_shards, run_dir, **{"train.steps": 20, "data.num_workers": 1})
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "lsgan_mnist", *overrides],
+            cwd=REPO, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert metrics(run_dir)[-1]["step"] == 20
+    assert (run_dir / "checkpoints" / "step-00000020" / "rank1.json").exists()
+
+
+def harness(out: Path, processes: int, *overrides: str, steps: int = 4) -> dict[str, torch.Tensor]:
+    """Weights after `steps` iterations on fixed global batches (tests/dist_harness.py)."""
+    script = str(REPO / "tests" / "dist_harness.py")
+    args = [str(out), str(steps), "train.cpu=true", *overrides]
+    if processes == 1:
+        run([sys.executable, script, *args])
+    else:
+        run([str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(free_port()), script, *args])
+    return load_file(str(out))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], moved_from: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - moved_from[k]).abs().max().item() for k in a)
+    assert diff < 1e-5 < 1e-3 < moved, f"max weight difference {diff:.2e} (training moved weights by {moved:.2e})"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """1 process x global batch 16 after 4 steps, and the weights it started from."""
+    tmp = tmp_path_factory.mktemp("ref")
+    return {"trained": harness(tmp / "one.st", 1), "initial": harness(tmp / "init.st", 1, steps=0)}
+
+
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(reference, tmp_path):
+    assert_same_weights(harness(tmp_path / "two.st", 2), reference["trained"], reference["initial"])
+
+
+def test_accumulation_of_two_half_batches_matches_the_full_batch(reference, tmp_path):
+    assert_same_weights(harness(tmp_path / "acc.st", 1, "train.grad_accum=2"), reference["trained"], reference["initial"])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_on_two_processes_match_ddp(reference, tmp_path, stage):
+    weights = harness(tmp_path / f"zero{stage}.st", 2, "train.strategy=deepspeed",
+                      f"optim.g.zero_stage={stage}", f"optim.d.zero_stage={stage}")
+    assert_same_weights(weights, reference["trained"], reference["initial"])
+
+
+def test_deepspeed_resume_is_exact_with_per_network_zero_stages(small_shards, tmp_path):
+    extra = {"train.strategy": "deepspeed", "optim.g.zero_stage": 2, "optim.d.zero_stage": 3,
+             "train.checkpoint_every": 10, "train.sample_every": 10}
+    accelerate_train(tiny_overrides(small_shards, tmp_path / "straight", **{**extra, "train.steps": 20}))
+    accelerate_train(tiny_overrides(small_shards, tmp_path / "split", **{**extra, "train.steps": 10}))
+    assert (tmp_path / "split" / "checkpoints" / "step-00000010" / "deepspeed_D").is_dir()
+    accelerate_train(tiny_overrides(small_shards, tmp_path / "split", **{**extra, "train.steps": 20}) + ["resume=auto"])
+    for name in ("G", "D"):
+        a, b = (load_file(str(tmp_path / run / "checkpoints" / "step-00000020" / f"{name}.safetensors"))
+                for run in ("straight", "split"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after a DeepSpeed resume"
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
+    assert strip(metrics(tmp_path / "split")) == strip(metrics(tmp_path / "straight"))
+
+
+def test_ddp_checkpoint_resumes_on_a_different_number_of_processes(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate_train(tiny_overrides(small_shards, run_dir, **{"train.steps": 10}))
+    saved = load_file(str(run_dir / "checkpoints" / "step-00000010" / "G.safetensors"))
+    result = run([sys.executable, "-m", "trainer", "train", "lsgan_mnist",
+                  *tiny_overrides(small_shards, run_dir, **{"train.steps": 11, "train.checkpoint_every": 1}), "resume=auto"])
+    assert "resuming on 1 processes from a 2-process checkpoint" in result.stderr
+    assert metrics(run_dir)[-1]["step"] == 11
+    after = load_file(str(run_dir / "checkpoints" / "step-00000011" / "G.safetensors"))
+    # one step of Adam at lr 2e-4 from the restored weights: close to them, so they were really loaded
+    params = [k for k in saved if "running" not in k and "num_batches" not in k]
+    assert 0 < max((after[k] - saved[k]).abs().max().item() for k in params) < 1e-3
