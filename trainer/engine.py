@@ -19,6 +19,7 @@ maps them onto one of two strategies (`train.strategy`), following the rules in 
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -141,7 +142,9 @@ class DDPEngine(Engine):
 
     def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         names = list(nets)
-        wrapped = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
+        with warnings.catch_warnings():  # torch deprecates broadcast_buffers but says to keep it until init_sync_buffers exists
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+            wrapped = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
         self.nets = dict(zip(names, wrapped[: len(names)]))
         self.optimizers = dict(zip(names, wrapped[len(names) :]))
 
