@@ -59,7 +59,7 @@ def test_cli_bad_key_exits_2_with_one_line():
     result = gannet("train", "lsgan_mnist", "train.stepz=5", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["gannet: error: unknown key 'train.stepz' (allowed in train: steps, mixed_precision, cpu, "
+    assert lines == ["gannet: error: unknown key 'train.stepz' (allowed in train: steps, strategy, grad_accum, mixed_precision, cpu, "
                      "log_every, sample_every, checkpoint_every, keep_checkpoints, num_samples)"]
 
 
@@ -71,3 +71,12 @@ def test_cli_missing_config_and_missing_shards_exit_2(tmp_path):
                      "log.wandb=disabled", check=False)
     assert no_data.returncode == 2 and "data.shards: no file matches" in no_data.stderr
     assert len(no_data.stderr.strip().splitlines()) == 1
+
+
+def test_presets_merge_into_the_config_in_order():
+    cfg = load_config("lsgan_mnist", ["launch/deepspeed/zero3.yaml", "optim.d.zero_stage=1"])
+    assert (cfg.train.strategy, cfg.train.mixed_precision) == ("deepspeed", "bf16")
+    assert (cfg.optim.g.zero_stage, cfg.optim.d.zero_stage, cfg.optim.g.clip_grad) == (3, 1, 0.0)
+    assert cfg.optim.g.lr == 2e-4  # keys the preset does not name keep their values
+    with pytest.raises(ConfigError, match="preset 'nope.yaml' not found"):
+        load_config("lsgan_mnist", ["nope.yaml"])

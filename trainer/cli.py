@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG path")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
+        "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
+        "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
+    p.add_argument("config", nargs="?", default="lsgan_mnist", help="config to measure (default lsgan_mnist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
+    p.add_argument("--world", type=int, default=2, help="processes for the memory table (default 2)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per timing run (default 60)")
+    p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
+                   choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
+    p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
     return parser
 
 
@@ -114,4 +126,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from trainer.bench import run_bench
+    from trainer.config import load_config
+
+    load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    run_bench(args.config, args.overrides, processes=args.processes, world=args.world, steps=args.steps,
+              strategies=args.strategies, out=args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "bench": cmd_bench}

@@ -117,21 +117,43 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply `a.b=value` overrides, and validate the result."""
+    """Read a YAML config, apply overrides in order, and validate the result.
+
+    An override is `a.b=value`, or the path of a YAML preset (a partial config, such as
+    launch/deepspeed/zero2.yaml) merged key by key.
+    """
     path = resolve_config_path(name_or_path)
+    raw = _read_yaml(path)
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        if "=" not in item and item.endswith((".yaml", ".yml")):  # a preset: a partial config merged in
+            _merge(raw, _read_yaml(Path(item)))
+            continue
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return config_from_dict(raw)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"preset '{path}' not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    raw.setdefault("name", path.stem)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return config_from_dict(raw)
+    return raw
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def config_from_dict(raw: dict) -> Config:

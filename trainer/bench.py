@@ -1,0 +1,184 @@
+"""`gannet bench`: measured speed and per-rank memory, each against a reference from the same run.
+
+Two tables:
+- throughput: the real `gannet train` on 1 and on N processes (torchrun), images/s and ms per
+  step taken from the run's own metrics over the second half (start-up excluded); the ratio to
+  the 1-process run is the figure that matters.
+- memory per rank: one engine per strategy (DDP, ZeRO-1/2/3) on N processes; after a real
+  backward, the bytes this rank holds in parameters, gradients, optimizer state (Adam's moments)
+  and ZeRO's fp32 master copies, found by walking the tensors the model and the (ZeRO) optimizer
+  own, counting each storage once.
+
+Nothing here is asserted: the numbers go to the terminal and to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
+              "zero2": ["train.strategy=deepspeed", "optim.g.zero_stage=2", "optim.d.zero_stage=2"],
+              "zero3": ["train.strategy=deepspeed", "optim.g.zero_stage=3", "optim.d.zero_stage=3"]}
+# ZeRO buffers that hold gradients or fp32 master weights, by DeepSpeed's attribute names (stage 1/2 and 3)
+DS_GRAD_ATTRS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer", "ipg_buffer")
+DS_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+
+
+def _launch(processes: int, args: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, *args]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(port), *args]
+
+
+def _env(cpu: bool) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cpu:
+        env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu")
+    return env
+
+
+def _check(result: subprocess.CompletedProcess, what: str) -> None:
+    if result.returncode != 0:
+        raise RuntimeError(f"bench {what} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def throughput(config: str, overrides: list[str], processes: int, steps: int, cpu: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["-m", "trainer", "train", config, *overrides, f"train.steps={steps}", f"train.log_every={steps // 2}",
+                f"train.sample_every={steps}", f"train.checkpoint_every={steps}", "log.wandb=disabled", f"run_dir={tmp}/run"]
+        if cpu and processes > 1:
+            args.append("train.cpu=true")
+        result = subprocess.run(_launch(processes, args), env=_env(cpu), capture_output=True, text=True)
+        _check(result, f"throughput on {processes} process(es)")
+        last = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()][-1]
+    from trainer.config import load_config
+
+    cfg = load_config(config, overrides)
+    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * cfg.recipe.d_steps * processes
+    ips = last["perf/images_per_s"]
+    return {"processes": processes, "images_per_s": ips, "ms_per_step": 1000 * images_per_step / ips}
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` not already in `seen` (views count once)."""
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return [value]
+
+
+def rank_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+    """What this rank holds for one network: parameters, gradients, optimizer state, and the fp32
+    master copies ZeRO keeps beside the parameters (its optimizer steps on those)."""
+    seen: set[int] = set()
+    params = [getattr(p, "ds_tensor", p) for p in module.parameters()]  # ZeRO-3 keeps only a partition
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate/ZeRO wrappers hold the torch optimizer
+    out = {"params": storage_bytes(params, seen)}
+    out["grads"] = storage_bytes([p.grad for p in module.parameters()] +
+                                 _flat([getattr(optimizer, a, None) for a in DS_GRAD_ATTRS]), seen)
+    out["optimizer"] = storage_bytes(_flat(list(inner.state.values())), seen)  # Adam's moments
+    out["master"] = storage_bytes(_flat([getattr(optimizer, a, None) for a in DS_MASTER_ATTRS]), seen)
+    return out
+
+
+def memory_worker(out: str, config: str, overrides: list[str]) -> None:
+    """Under torchrun: build the engine, train one iteration, then measure after one more backward."""
+    from models.recipes import get_recipe
+    from trainer.config import load_config
+    from trainer.data import DataStream, expand_urls
+    from trainer.engine import DeepSpeedEngine, make_engine
+
+    cfg = load_config(config, overrides)
+    engine = make_engine(cfg)
+    torch.manual_seed(cfg.seed)
+    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
+    nets = recipe.build()
+    engine.prepare(nets, {name: torch.optim.Adam(net.parameters(), lr=cfg.optim.g.lr) for name, net in nets.items()})
+    engine.data = DataStream(expand_urls(cfg.data.shards), cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed)
+    recipe.iteration(engine)  # optimizer state is allocated on the first step
+    report = {}
+    for name in engine.nets:
+        loss = engine.nets[name](engine.batch()["image"] if name == "D" else engine.noise(cfg.data.batch_size, cfg.model.z_dim)).float().mean()
+        if isinstance(engine, DeepSpeedEngine):
+            engine.nets[name].backward(loss)
+        else:
+            engine.accelerator.backward(loss)
+        report[name] = rank_bytes(engine.module(name), engine.optimizers[name])
+    if engine.is_main:
+        Path(out).write_text(json.dumps({"world": engine.world, "networks": report}))
+    engine.close()
+
+
+def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bool) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        extra = [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
+        args = ["-m", "trainer.bench", out.name, config, *overrides, *extra]
+        result = subprocess.run(_launch(world, args), env=_env(cpu), capture_output=True, text=True)
+        _check(result, f"memory under {strategy}")
+        report = json.loads(Path(out.name).read_text())
+    totals = {k: sum(net[k] for net in report["networks"].values()) for k in ("params", "grads", "optimizer", "master")}
+    return {"strategy": strategy, "world": report["world"], **totals, "total": sum(totals.values()), "networks": report["networks"]}
+
+
+def run_bench(config: str, overrides: list[str], *, processes: list[int], world: int, steps: int,
+              strategies: list[str], out: Path) -> dict[str, Any]:
+    cpu = not torch.cuda.is_available()
+    speed = [throughput(config, overrides, p, steps, cpu) for p in processes]
+    for row in speed:
+        row["speedup_vs_1"] = row["images_per_s"] / speed[0]["images_per_s"]
+    mem = [memory(config, overrides, s, world, cpu) for s in strategies]
+    for row in mem:
+        row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
+        row["total_vs_ddp"] = row["total"] / mem[0]["total"]
+    device = torch.cuda.get_device_name() if not cpu else f"CPU ({os.cpu_count()} cores)"
+    result = {"config": config, "overrides": overrides, "device": device, "throughput": speed, "memory_per_rank": mem}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(format_report(result))
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    mib = lambda n: f"{n / 2**20:8.2f}"  # noqa: E731
+    lines = [f"gannet bench: {result['config']} {' '.join(result['overrides'])} on {result['device']}", "",
+             "throughput (gannet train, second half of the run)",
+             f"{'processes':>9} {'images/s':>10} {'ms/step':>9} {'vs 1 proc':>10}"]
+    lines += [f"{r['processes']:>9} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} {r['speedup_vs_1']:>9.2f}x"
+              for r in result["throughput"]]
+    lines += ["", "memory per rank, G + D (MiB)",
+              f"{'strategy':>8} {'world':>5} {'params':>8} {'grads':>8} {'optim':>8} {'master':>8} {'total':>8} "
+             f"{'optim/ddp':>9} {'total/ddp':>9}"]
+    lines += [f"{r['strategy']:>8} {r['world']:>5} {mib(r['params'])} {mib(r['grads'])} {mib(r['optimizer'])} "
+              f"{mib(r['master'])} {mib(r['total'])}"
+              f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f}" for r in result["memory_per_rank"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    memory_worker(sys.argv[1], sys.argv[2], sys.argv[3:])
