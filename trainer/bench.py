@@ -42,10 +42,11 @@ def _launch(processes: int, args: list[str]) -> list[str]:
     return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(port), *args]
 
 
-def _env(cpu: bool) -> dict[str, str]:
+def _env(cpu: bool, processes: int) -> dict[str, str]:
+    """On CPU, the cores are shared out between the processes, so 1 vs N compares the same machine."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cpu:
-        env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu")
+        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)), DS_ACCELERATOR="cpu")
     return env
 
 
@@ -60,7 +61,7 @@ def throughput(config: str, overrides: list[str], processes: int, steps: int, cp
                 f"train.sample_every={steps}", f"train.checkpoint_every={steps}", "log.wandb=disabled", f"run_dir={tmp}/run"]
         if cpu and processes > 1:
             args.append("train.cpu=true")
-        result = subprocess.run(_launch(processes, args), env=_env(cpu), capture_output=True, text=True)
+        result = subprocess.run(_launch(processes, args), env=_env(cpu, processes), capture_output=True, text=True)
         _check(result, f"throughput on {processes} process(es)")
         last = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()][-1]
     from trainer.config import load_config
@@ -139,7 +140,7 @@ def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bo
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         extra = [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
         args = ["-m", "trainer.bench", out.name, config, *overrides, *extra]
-        result = subprocess.run(_launch(world, args), env=_env(cpu), capture_output=True, text=True)
+        result = subprocess.run(_launch(world, args), env=_env(cpu, world), capture_output=True, text=True)
         _check(result, f"memory under {strategy}")
         report = json.loads(Path(out.name).read_text())
     totals = {k: sum(net[k] for net in report["networks"].values()) for k in ("params", "grads", "optimizer", "master")}
