@@ -139,3 +139,16 @@ def test_ddp_checkpoint_resumes_on_a_different_number_of_processes(small_shards,
     # one step of Adam at lr 2e-4 from the restored weights: close to them, so they were really loaded
     params = [k for k in saved if "running" not in k and "num_batches" not in k]
     assert 0 < max((after[k] - saved[k]).abs().max().item() for k in params) < 1e-3
+
+
+def test_deepspeed_bf16_preset_trains_on_a_single_process(small_shards, tmp_path):
+    """No launcher, bf16 weights (BatchNorm buffers cast with them), fp32 weights in the checkpoint."""
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *tiny_overrides(small_shards, run_dir, **{"train.steps": 10}),
+         "launch/deepspeed/zero2.yaml"])
+    rows = metrics(run_dir)
+    assert rows[-1]["step"] == 10 and all(abs(r["train/loss_d"]) < 10 for r in rows)
+    weights = load_file(str(run_dir / "checkpoints" / "step-00000010" / "G.safetensors"))
+    assert {t.dtype for t in weights.values()} <= {torch.float32, torch.int64}
+    assert (run_dir / "checkpoints" / "step-00000010" / "deepspeed_G").is_dir()
+    assert (run_dir / "samples" / "step-00000010.png").exists()

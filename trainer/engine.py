@@ -19,6 +19,7 @@ maps them onto one of two strategies (`train.strategy`), following the rules in 
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -195,6 +196,13 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         backend = "gloo" if self.device.type == "cpu" else "nccl"
+        if not torch.distributed.is_initialized():  # one process, no launcher: set what torchrun would
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            launcher_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            for key, value in launcher_env.items():
+                os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         precision = cfg.train.mixed_precision
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -219,6 +227,9 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         for name, net in nets.items():
+            # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs its running
+            # statistics in the same dtype as its input, so cast the whole module first.
+            net.to(self.input_dtype)
             engine, optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizers[name], config=self.ds_config(name))
             self.nets[name], self.optimizers[name] = engine, optimizer
 

@@ -160,7 +160,7 @@ def generate_samples(engine: Engine, recipe, inputs: dict[str, torch.Tensor]) ->
     for net in engine.nets.values():
         net.eval()
     with torch.no_grad():
-        images = recipe.generate(engine.nets, {k: v.to(engine.device) for k, v in inputs.items()})
+        images = recipe.generate(engine.nets, {k: v.to(engine.device, engine.input_dtype) for k, v in inputs.items()})
     for net in engine.nets.values():
         net.train()
     return images
