@@ -44,10 +44,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
-
-
 def rng_state() -> dict[str, Any]:
     """Every RNG the training process draws from (loader workers are seeded by position)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

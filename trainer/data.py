@@ -212,6 +212,3 @@ class DataStream:
                 f"{self.cfg.max_errors}; check the shards (the log names each one) or raise the budget"
             )
         return batch
-
-    def __iter__(self) -> "DataStream":
-        return self

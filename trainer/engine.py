@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 

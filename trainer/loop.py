@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from models.recipes import get_recipe
-from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import Config, OptimConfig, config_to_dict
 from trainer.data import DataStream, StreamPosition, expand_urls
 from trainer.engine import Engine, make_engine
@@ -52,12 +52,13 @@ def train(cfg: Config) -> Path:
     engine = make_engine(cfg)
 
     # 1. The run directory: refuse to overwrite a run by accident; find the resume point.
-    resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
-    if cfg.resume == "never" and latest_checkpoint(run_dir) is not None:
+    latest = latest_checkpoint(run_dir)
+    if cfg.resume == "never" and latest is not None:
         raise ConfigError(
-            f"{run_dir} already holds checkpoints (latest {latest_checkpoint(run_dir).name}); add resume=auto to "
+            f"{run_dir} already holds checkpoints (latest {latest.name}); add resume=auto to "
             f"continue it, or choose another run_dir=... or name=..."
         )
+    resume_from = latest if cfg.resume == "auto" else None
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -70,14 +71,14 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
     nets = recipe.build()
-    optim_cfg = {"G": cfg.optim.g, "D": cfg.optim.d}
+    opt_cfg = engine.optim_config
     optimizers = {
-        name: torch.optim.Adam(net.parameters(), lr=optim_cfg[name].lr, betas=optim_cfg[name].betas,
-                               weight_decay=optim_cfg[name].weight_decay)
+        name: torch.optim.Adam(net.parameters(), lr=opt_cfg(name).lr, betas=opt_cfg(name).betas,
+                               weight_decay=opt_cfg(name).weight_decay)
         for name, net in nets.items()
     }
     schedulers = {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim_cfg[name], cfg.train.steps))
+        name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(opt_cfg(name), cfg.train.steps))
         for name, opt in optimizers.items()
     }
     engine.prepare(nets, optimizers)
@@ -100,7 +101,7 @@ def train(cfg: Config) -> Path:
             log.warning("resuming on %d processes from a %d-process checkpoint: models and optimizers are restored "
                         "exactly, the data stream and noise restart from fresh seeds", engine.world, shared["world"])
             seed_everything(cfg.seed + 1000 * engine.rank + step)
-        log.info("resumed %s at step %d", resume_from, checkpoint_step(resume_from))
+        log.info("resumed %s at step %d", resume_from, step)
     engine.data = DataStream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, position=position)
     tracker = Tracker(run_dir, cfg, enabled=engine.is_main, start_step=step)
     if step >= cfg.train.steps:
