@@ -112,8 +112,9 @@ def test_deepspeed_zero_stages_on_two_processes_match_ddp(reference, tmp_path, s
     assert_same_weights(weights, reference["trained"], reference["initial"])
 
 
-def test_deepspeed_resume_is_exact_with_per_network_zero_stages(small_shards, tmp_path):
-    extra = {"train.strategy": "deepspeed", "optim.g.zero_stage": 2, "optim.d.zero_stage": 3,
+@pytest.mark.parametrize("g_stage, d_stage", [(2, 3), (1, 1)])
+def test_deepspeed_resume_is_exact_with_per_network_zero_stages(small_shards, tmp_path, g_stage, d_stage):
+    extra = {"train.strategy": "deepspeed", "optim.g.zero_stage": g_stage, "optim.d.zero_stage": d_stage,
              "train.checkpoint_every": 10, "train.sample_every": 10}
     accelerate_train(tiny_overrides(small_shards, tmp_path / "straight", **{**extra, "train.steps": 20}))
     accelerate_train(tiny_overrides(small_shards, tmp_path / "split", **{**extra, "train.steps": 10}))
