@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("eval", help="FID/KID, precision/recall, memorization, equilibrium", description=(
+        "Evaluate RUN_DIR's latest checkpoint offline: FID/KID and precision/recall in the features of a digit "
+        "classifier trained on the run's shards (cached beside them), class coverage, a nearest-neighbour "
+        "memorization check against held-out images, and the equilibrium report. Writes RUN_DIR/eval/."))
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=1000, help="generated samples (default 1000)")
+    p.add_argument("--heldout", help="held-out real shards (default: val-*.tar beside the training shards)")
+
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
         "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
@@ -126,6 +134,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate
+
+    r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout)
+    mem = r["memorization"]
+    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples; extractor held-out accuracy "
+          f"{r['extractor']['heldout_accuracy']:.3f})\n"
+          f"  FID {r['fid']:.2f} (real held-out vs train: {r['fid_heldout_reference']:.2f})  KID {r['kid']:.4f}\n"
+          f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}  classes covered {r['classes_covered']}/10 "
+          f"{r['class_counts']}\n"
+          f"  memorization: {mem['verdict']} (nearest-train distance vs held-out: pixels {mem['pixel']['ratio']:.2f}x, "
+          f"features {mem['feature']['ratio']:.2f}x)\n"
+          f"  equilibrium: {r['equilibrium']['recent']} vs {r['equilibrium']['equilibrium']}"
+          + "".join(f"\n  warning: {w}" for w in r["equilibrium"]["warnings"]))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.bench import run_bench
     from trainer.config import load_config
@@ -136,4 +161,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}

@@ -71,6 +71,11 @@ class AdversarialRecipe:
     def g_loss(self, fake_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def equilibrium(self) -> dict[str, float]:
+        """Where the game settles when G matches the data (D can no longer tell), and `separation`:
+        the largest gap between D(x) and D(G(z)) a perfect discriminator reaches."""
+        raise NotImplementedError
+
     def d_stat(self, out: torch.Tensor) -> torch.Tensor:
         """What the dashboards call D(x): a probability for the GAN, the raw score for LSGAN."""
         return out.mean()

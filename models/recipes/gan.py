@@ -8,6 +8,7 @@ non-saturating G maximises log D(G(z)) instead, same fixed point, strong early g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -38,6 +39,9 @@ class GAN(AdversarialRecipe):
             # log(1 - D(G(z))) = -BCE(logit, 0); minimising it is G's side of the minimax game.
             return -F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
         return F.binary_cross_entropy_with_logits(fake_out, torch.ones_like(fake_out))
+
+    def equilibrium(self) -> dict[str, float]:
+        return {"loss_d": math.log(2), "d_real": 0.5, "d_fake": 0.5, "separation": 1.0}
 
     def d_stat(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out).mean()

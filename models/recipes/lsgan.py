@@ -35,3 +35,8 @@ class LSGAN(AdversarialRecipe):
 
     def g_loss(self, fake_out: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((fake_out - self.params.c) ** 2).mean()
+
+    def equilibrium(self) -> dict[str, float]:
+        a, b = self.params.a, self.params.b
+        mid = (a + b) / 2  # D's best answer when real and fake are the same distribution
+        return {"loss_d": (b - a) ** 2 / 4, "d_real": mid, "d_fake": mid, "separation": abs(b - a)}

@@ -1,0 +1,179 @@
+"""`gannet eval RUN_DIR`: sample quality, memorization and equilibrium, all offline.
+
+- Features come from a digit classifier gannet trains on the run's own training shards and caches
+  beside them (no download, no Inception weights needed); FID/KID and precision/recall are computed
+  on its penultimate layer, and its predictions give class coverage (mode collapse shows as
+  missing classes).
+- The memorization check answers "does it copy the training set?": each generated image's nearest
+  training image (pixels and features) against the same distance for held-out real images, which
+  the generator never saw. Copies sit much closer to the training set than held-out data does.
+- The equilibrium report compares the run's recent D(x), D(G(z)) and D loss to the values the
+  recipe's game converges to (log 2 for the GAN's D loss; the midpoint of a and b for LSGAN).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.recipes import get_recipe
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import Config, config_from_dict
+from trainer.data import decode_image_sample, expand_urls
+from trainer.errors import GannetError
+from trainer.images import save_grid
+from trainer.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
+
+log = logging.getLogger("gannet")
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN; its 128-d penultimate layer is the feature space for FID/KID/PR."""
+
+    def __init__(self, channels: int, image_size: int, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_images(pattern: str, cfg: Config, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `limit` decoded images and labels from shards, in shard order (a finite pass)."""
+    images, labels = [], []
+    for sample in wds.tarfile_samples({"url": url} for url in expand_urls(pattern)):
+        item = decode_image_sample(sample, cfg.data.image_size, cfg.data.channels)
+        images.append(item["image"])
+        labels.append(item["label"])
+        if len(images) == limit:
+            break
+    return torch.stack(images), torch.stack(labels)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Config, epochs: int = 4) -> DigitClassifier:
+    torch.manual_seed(0)
+    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images)).split(64):
+            loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def classifier_for(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor],
+                   cache: Path) -> tuple[DigitClassifier, float]:
+    """The cached classifier for these shards, trained on first use; returns it and held-out accuracy."""
+    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
+    meta = cache.with_suffix(".json")
+    if cache.exists() and meta.exists():
+        model.load_state_dict(load_file(str(cache)))
+        return model.eval(), json.loads(meta.read_text())["heldout_accuracy"]
+    if (train[1] < 0).any():
+        raise GannetError("the offline feature extractor needs class labels (.cls) in the training shards")
+    log.info("training the offline feature extractor on %d real images (cached in %s)", len(train[0]), cache)
+    model = train_classifier(*train, cfg)
+    with torch.no_grad():
+        accuracy = (model(heldout[0]).argmax(1) == heldout[1]).float().mean().item()
+    save_file(model.state_dict(), str(cache))
+    meta.write_text(json.dumps({"heldout_accuracy": accuracy}))
+    return model, accuracy
+
+
+def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor,
+                 features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Nearest-training-image distances of generated vs held-out real images, in pixels and features.
+
+    Held-out images are real data the generator never saw; their distance to the training set is
+    what "new" looks like. A generator counts as copying when its median distance is under half of
+    the held-out median, or more than 5% of its samples are closer than the closest 1% of held-out.
+    """
+    out: dict[str, Any] = {}
+    flat = lambda x: x.flatten(1).float()  # noqa: E731
+    spaces = {"pixel": (flat(generated), flat(train), flat(heldout)),
+              "feature": (features["generated"], features["train"], features["heldout"])}
+    for space, (gen, ref, held) in spaces.items():
+        gen_d, _ = nearest_neighbours(gen, ref)
+        held_d, _ = nearest_neighbours(held, ref)
+        floor = torch.quantile(held_d, 0.01)
+        out[space] = {
+            "generated_median": gen_d.median().item(), "heldout_median": held_d.median().item(),
+            "ratio": (gen_d.median() / held_d.median()).item(),
+            "near_copies": (gen_d < floor).float().mean().item(),
+        }
+    copying = any(v["ratio"] < 0.5 or v["near_copies"] > 0.05 for v in out.values())
+    out["verdict"] = "memorizes the training set" if copying else "no sign of memorization"
+    return out
+
+
+def equilibrium(run_dir: Path, recipe: Any, window: int = 10) -> dict[str, Any]:
+    """Recent D statistics against the game's equilibrium, with warnings a user can act on."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-window:]
+    recent = {k: float(np.mean([r[f"train/{k}"] for r in rows])) for k in ("loss_d", "loss_g", "d_real", "d_fake")}
+    target = recipe.equilibrium()
+    warnings = []
+    if recent["d_real"] - recent["d_fake"] > 0.8 * target["separation"]:
+        warnings.append("discriminator collapse: D separates real from fake almost perfectly; G gets little signal")
+    if len(rows) >= 2 and rows[-1]["train/loss_g"] > 3 * max(rows[0]["train/loss_g"], 1e-8):
+        warnings.append("generator divergence: G's loss tripled over the recent window")
+    return {"recent": recent, "equilibrium": target, "warnings": warnings}
+
+
+def evaluate(run_dir: Path, *, n: int = 1000, heldout_pattern: str | None = None) -> dict[str, Any]:
+    config_file = run_dir / "config.yaml"
+    ckpt = latest_checkpoint(run_dir)
+    if not config_file.is_file() or ckpt is None:
+        raise GannetError(f"{run_dir} is not a gannet run directory with a checkpoint")
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    first_shard = Path(expand_urls(cfg.data.shards)[0])
+    heldout_pattern = heldout_pattern or str(first_shard.parent / "val-*.tar")
+    train = load_images(cfg.data.shards, cfg, limit=10_000)
+    heldout = load_images(heldout_pattern, cfg, limit=n)
+    classifier, accuracy = classifier_for(cfg, train, heldout, first_shard.parent / ".gannet-classifier.safetensors")
+
+    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
+    nets = recipe.build()
+    for name, net in nets.items():
+        net.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
+        net.eval()
+    noise = torch.Generator().manual_seed(12345)  # not the run's seed: these are not the training grids
+    with torch.no_grad():
+        generated = torch.cat([recipe.generate(nets, recipe.fixed_inputs(len(part), noise)) for part in torch.arange(n).split(250)])
+        feats = {k: classifier.features(v.float()) for k, v in {"generated": generated, "train": train[0], "heldout": heldout[0]}.items()}
+        classes = classifier.head(feats["generated"]).argmax(1)
+    f = {k: v.double().numpy() for k, v in feats.items()}
+    counts = torch.bincount(classes, minlength=10).tolist()
+    kid_mean, kid_std = kernel_inception_distance(f["train"], f["generated"])
+    precision, recall = precision_recall(torch.from_numpy(f["train"]).float(), feats["generated"])
+    result = {
+        "checkpoint": ckpt.name, "samples": n, "extractor": {"kind": "digit classifier", "heldout_accuracy": accuracy},
+        "fid": frechet_distance(f["train"], f["generated"]),
+        "fid_heldout_reference": frechet_distance(f["train"], f["heldout"]),
+        "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+        "class_counts": counts, "classes_covered": sum(c >= 0.02 * n for c in counts),
+        "memorization": memorization(generated, train[0], heldout[0], feats),
+        "equilibrium": equilibrium(run_dir, recipe),
+    }
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(exist_ok=True)
+    _, nearest = nearest_neighbours(generated[:16].flatten(1).float(), train[0].flatten(1).float())
+    pairs = torch.stack([generated[:16].float(), train[0][nearest]], 1).flatten(0, 1)
+    save_grid(pairs, out_dir / "memorization.png", nrow=8)  # each sample beside its nearest training image
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
