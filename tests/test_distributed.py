@@ -153,3 +153,10 @@ def test_deepspeed_bf16_preset_trains_on_a_single_process(small_shards, tmp_path
     assert {t.dtype for t in weights.values()} <= {torch.float32, torch.int64}
     assert (run_dir / "checkpoints" / "step-00000010" / "deepspeed_G").is_dir()
     assert (run_dir / "samples" / "step-00000010.png").exists()
+
+
+def test_in_training_eval_gathers_samples_from_both_ranks(mnist_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate_train(tiny_overrides(mnist_shards, run_dir, **{"train.steps": 10, "eval.every": 10, "eval.samples": 101}))
+    (row,) = [r for r in metrics(run_dir) if "eval/fid" in r]
+    assert row["step"] == 10 and row["eval/fid"] > 0 and 0 <= row["eval/precision"] <= 1

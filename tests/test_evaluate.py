@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from PIL import Image
 
 from tests.conftest import gannet, tiny_overrides
 from trainer.config import load_config
@@ -17,7 +18,8 @@ def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_p
     cfg = load_config("lsgan_mnist", [f"data.shards={mnist_shards}/train-*.tar"])
     train = load_images(cfg.data.shards, cfg, limit=10_000)
     heldout = load_images(f"{mnist_shards}/val-*.tar", cfg, limit=500)
-    classifier, accuracy = classifier_for(cfg, train, heldout, tmp_path / "clf.safetensors")
+    cache = mnist_shards / ".gannet-classifier.safetensors"  # where `gannet eval` keeps it: trained once per session
+    classifier, accuracy = classifier_for(cfg, train, heldout, cache)
     assert accuracy > 0.9  # a real digit classifier, trained offline on the 4,500 real digits
     noise = torch.rand(500, 1, 28, 28) * 2 - 1
     with torch.no_grad():
@@ -26,7 +28,7 @@ def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_p
     real_vs_heldout = frechet_distance(feats["train"], feats["heldout"])
     real_vs_noise = frechet_distance(feats["train"], feats["noise"])
     assert real_vs_heldout * 20 < real_vs_noise
-    assert classifier_for(cfg, train, heldout, tmp_path / "clf.safetensors")[1] == accuracy  # served from the cache
+    assert classifier_for(cfg, train, heldout, cache)[1] == accuracy  # served from the cache
 
 
 def test_memorization_check_flags_copies_and_passes_new_images(mnist_shards):
@@ -42,9 +44,11 @@ def test_memorization_check_flags_copies_and_passes_new_images(mnist_shards):
     assert passed["verdict"] == "no sign of memorization" and passed["pixel"]["ratio"] > 0.7
 
 
-def test_eval_cli_reports_a_trained_run(mnist_shards, tmp_path):
+def test_in_training_eval_and_eval_cli_report(mnist_shards, tmp_path):
     run = tmp_path / "run"
-    gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 60}))
+    gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 60, "eval.every": 30, "eval.samples": 200}))
+    during = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if "eval/fid" in r]
+    assert [r["step"] for r in during] == [30, 60] and all(r["eval/fid"] > 0 for r in during)
     out = gannet("eval", str(run), "--n", "300")
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert report["checkpoint"] == "step-00000060" and report["samples"] == 300
@@ -53,3 +57,32 @@ def test_eval_cli_reports_a_trained_run(mnist_shards, tmp_path):
     assert report["memorization"]["verdict"] == "no sign of memorization"
     assert report["equilibrium"]["equilibrium"] == {"loss_d": 0.25, "d_real": 0.5, "d_fake": 0.5, "separation": 1.0}
     assert (run / "eval" / "memorization.png").exists() and "FID" in out.stdout
+    assert Image.open(run / "eval" / "report.png").size[0] > 800
+
+
+def test_inception_extractor_needs_its_file_and_uses_it(mnist_shards, tmp_path):
+    """The real FID Inception file cannot be downloaded here, so a TorchScript stand-in with the same
+    call signature (uint8 RGB in, `return_features=True` -> (N, 2048)) checks the plumbing."""
+    run = tmp_path / "run"
+    gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 10}))
+    missing = gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, tmp_path / "r2", **{
+        "train.steps": 10, "eval.every": 5, "eval.extractor": "inception"}), check=False)
+    assert missing.returncode == 2 and "needs the standard FID Inception file" in missing.stderr
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 16 * 16, 2048)
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert x.dtype == torch.uint8 and x.shape[1] == 3
+            small = torch.nn.functional.interpolate(x.float() / 255, size=(16, 16), mode="bilinear")
+            return self.proj(small.flatten(1))
+
+    torch.jit.script(StandIn()).save(str(tmp_path / "inception.pt"))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("extractor: classifier", "extractor: inception").replace(
+        "inception: ''", f"inception: {tmp_path / 'inception.pt'}"))
+    gannet("eval", str(run), "--n", "100")
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["extractor"]["kind"] == "inception" and "class_counts" not in report and report["fid"] > 0

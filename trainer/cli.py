@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "classifier trained on the run's shards (cached beside them), class coverage, a nearest-neighbour "
         "memorization check against held-out images, and the equilibrium report. Writes RUN_DIR/eval/."))
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--n", type=int, default=1000, help="generated samples (default 1000)")
-    p.add_argument("--heldout", help="held-out real shards (default: val-*.tar beside the training shards)")
+    p.add_argument("--n", type=int, help="generated samples (default: the run's eval.samples, 1000)")
+    p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
 
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
@@ -139,15 +139,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout)
     mem = r["memorization"]
-    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples; extractor held-out accuracy "
-          f"{r['extractor']['heldout_accuracy']:.3f})\n"
+    coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
+    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples, features: {r['extractor']})\n"
           f"  FID {r['fid']:.2f} (real held-out vs train: {r['fid_heldout_reference']:.2f})  KID {r['kid']:.4f}\n"
-          f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}  classes covered {r['classes_covered']}/10 "
-          f"{r['class_counts']}\n"
+          f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}{coverage}\n"
           f"  memorization: {mem['verdict']} (nearest-train distance vs held-out: pixels {mem['pixel']['ratio']:.2f}x, "
           f"features {mem['feature']['ratio']:.2f}x)\n"
           f"  equilibrium: {r['equilibrium']['recent']} vs {r['equilibrium']['equilibrium']}"
-          + "".join(f"\n  warning: {w}" for w in r["equilibrium"]["warnings"]))
+          + "".join(f"\n  warning: {w}" for w in r["equilibrium"]["warnings"])
+          + f"\n  wrote {args.run_dir / 'eval' / 'eval.json'} and report.png")
     return 0
 
 

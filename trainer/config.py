@@ -80,6 +80,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample-quality evaluation: `gannet eval`, and during training every `every` steps."""
+
+    every: int = 0  # evaluate during training every N steps (0 = off; `gannet eval` works regardless)
+    samples: int = 1000  # generated images per evaluation
+    extractor: Literal["classifier", "inception"] = "classifier"  # feature space for FID/KID/PR
+    inception: str = ""  # TorchScript FID Inception file (inception-2015-12-05.pt), for extractor=inception
+    heldout: str = ""  # held-out real shards; default: val-*.tar beside the training shards
+
+
+@dataclass
 class LogConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "gannet"
@@ -97,6 +108,7 @@ class Config:
     recipe: Any = None  # the named recipe's Params dataclass
     optim: OptimPair = field(default_factory=OptimPair)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -279,7 +291,10 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors}.items():
+    if cfg.eval.samples < 10:
+        raise ConfigError(f"eval.samples={cfg.eval.samples} must be >= 10")
+    for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors,
+                       "eval.every": cfg.eval.every}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     for net in ("g", "d"):

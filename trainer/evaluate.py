@@ -29,8 +29,9 @@ from models.recipes import get_recipe
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import Config, config_from_dict
 from trainer.data import decode_image_sample, expand_urls
-from trainer.errors import GannetError
+from trainer.errors import ConfigError, GannetError
 from trainer.images import save_grid
+from trainer.report import write_report
 from trainer.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
 
 log = logging.getLogger("gannet")
@@ -96,6 +97,43 @@ def classifier_for(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], heldou
     return model, accuracy
 
 
+class ClassifierFeatures:
+    """gannet's own offline extractor: the digit classifier's penultimate layer, and its labels."""
+
+    def __init__(self, model: DigitClassifier, accuracy: float):
+        self.model, self.info = model, {"kind": "digit classifier", "heldout_accuracy": accuracy}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(images.float())
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor | None:
+        return self.model.head(features).argmax(1)
+
+
+class InceptionFeatures:
+    """The standard FID features: the 2048-d pool3 of the TF-ported InceptionV3 that StyleGAN2-ADA
+    ships as TorchScript (inception-2015-12-05.pt). It takes uint8 RGB of any size and resizes
+    to 299 itself; gannet only converts [-1, 1] images (grey repeated to RGB)."""
+
+    def __init__(self, path: str):
+        if not path or not Path(path).is_file():
+            raise ConfigError(
+                f"eval.inception={path!r}: extractor=inception needs the standard FID Inception file. Put "
+                f"inception-2015-12-05.pt (TorchScript, from StyleGAN2-ADA's metrics) on disk and set eval.inception=PATH; "
+                f"gannet never downloads at run time. Or use eval.extractor=classifier (offline, trained by gannet)."
+            )
+        self.model, self.info = torch.jit.load(path).eval(), {"kind": "inception", "path": path}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.repeat(1, 3, 1, 1)
+        return torch.cat([self.model(part, return_features=True) for part in pixels.split(100)])
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
 def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor,
                  features: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Nearest-training-image distances of generated vs held-out real images, in pixels and features.
@@ -124,7 +162,8 @@ def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Te
 
 def equilibrium(run_dir: Path, recipe: Any, window: int = 10) -> dict[str, Any]:
     """Recent D statistics against the game's equilibrium, with warnings a user can act on."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-window:]
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    rows = [r for r in records if "train/loss_d" in r][-window:]  # eval records share the file
     recent = {k: float(np.mean([r[f"train/{k}"] for r in rows])) for k in ("loss_d", "loss_g", "d_real", "d_fake")}
     target = recipe.equilibrium()
     warnings = []
@@ -135,45 +174,86 @@ def equilibrium(run_dir: Path, recipe: Any, window: int = 10) -> dict[str, Any]:
     return {"recent": recent, "equilibrium": target, "warnings": warnings}
 
 
-def evaluate(run_dir: Path, *, n: int = 1000, heldout_pattern: str | None = None) -> dict[str, Any]:
+class Evaluator:
+    """The real-data side of every evaluation of a run, computed once: images and features of the
+    training and held-out sets. `score` then rates any batch of generated images."""
+
+    def __init__(self, cfg: Config):
+        first_shard = Path(expand_urls(cfg.data.shards)[0])
+        self.train = load_images(cfg.data.shards, cfg, limit=10_000)
+        self.heldout = load_images(cfg.eval.heldout or str(first_shard.parent / "val-*.tar"), cfg, limit=cfg.eval.samples)
+        if cfg.eval.extractor == "inception":
+            self.extractor: ClassifierFeatures | InceptionFeatures = InceptionFeatures(cfg.eval.inception)
+        else:
+            cache = first_shard.parent / ".gannet-classifier.safetensors"
+            self.extractor = ClassifierFeatures(*classifier_for(cfg, self.train, self.heldout, cache))
+        with torch.no_grad():
+            self.train_feats = self.extractor.features(self.train[0])
+            self.heldout_feats = self.extractor.features(self.heldout[0])
+        self.fid_reference = frechet_distance(self.train_feats.double().numpy(), self.heldout_feats.double().numpy())
+
+    def score(self, generated: torch.Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            feats = self.extractor.features(generated)
+        real, fake = self.train_feats.double().numpy(), feats.double().numpy()
+        kid, kid_std = kernel_inception_distance(real, fake)
+        precision, recall = precision_recall(self.train_feats, feats)
+        result: dict[str, Any] = {
+            "samples": len(generated), "extractor": self.extractor.info, "fid": frechet_distance(real, fake),
+            "fid_heldout_reference": self.fid_reference, "kid": kid, "kid_std": kid_std,
+            "precision": precision, "recall": recall,
+            "memorization": memorization(generated, self.train[0], self.heldout[0],
+                                         {"generated": feats, "train": self.train_feats, "heldout": self.heldout_feats}),
+        }
+        classes = self.extractor.classify(feats)
+        if classes is not None:
+            counts = torch.bincount(classes, minlength=10).tolist()
+            result.update(class_counts=counts, classes_covered=sum(c >= 0.02 * len(generated) for c in counts))
+        return result
+
+    @staticmethod
+    def scalars(result: dict[str, Any]) -> dict[str, float]:
+        """The numbers for metrics.jsonl and W&B (eval/...)."""
+        out = {f"eval/{k}": float(result[k]) for k in ("fid", "kid", "precision", "recall", "classes_covered") if k in result}
+        out["eval/memorization_ratio_pixel"] = result["memorization"]["pixel"]["ratio"]
+        return out
+
+
+def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n samples in chunks, from noise seeded apart from the training grids' fixed noise."""
+    noise = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        parts = [recipe.generate(nets, {k: v.to(device, dtype) for k, v in recipe.fixed_inputs(len(part), noise).items()})
+                 for part in torch.arange(n).split(250)]
+    return torch.cat(parts).float().cpu()
+
+
+def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None) -> dict[str, Any]:
+    """`gannet eval`: score the latest checkpoint, draw the memorization grid and the report."""
     config_file = run_dir / "config.yaml"
     ckpt = latest_checkpoint(run_dir)
     if not config_file.is_file() or ckpt is None:
         raise GannetError(f"{run_dir} is not a gannet run directory with a checkpoint")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    first_shard = Path(expand_urls(cfg.data.shards)[0])
-    heldout_pattern = heldout_pattern or str(first_shard.parent / "val-*.tar")
-    train = load_images(cfg.data.shards, cfg, limit=10_000)
-    heldout = load_images(heldout_pattern, cfg, limit=n)
-    classifier, accuracy = classifier_for(cfg, train, heldout, first_shard.parent / ".gannet-classifier.safetensors")
-
+    raw = yaml.safe_load(config_file.read_text())
+    raw.setdefault("eval", {}).update({k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
+    cfg = config_from_dict(raw)
+    evaluator = Evaluator(cfg)
     recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
     nets = recipe.build()
     for name, net in nets.items():
         net.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
         net.eval()
-    noise = torch.Generator().manual_seed(12345)  # not the run's seed: these are not the training grids
-    with torch.no_grad():
-        generated = torch.cat([recipe.generate(nets, recipe.fixed_inputs(len(part), noise)) for part in torch.arange(n).split(250)])
-        feats = {k: classifier.features(v.float()) for k, v in {"generated": generated, "train": train[0], "heldout": heldout[0]}.items()}
-        classes = classifier.head(feats["generated"]).argmax(1)
-    f = {k: v.double().numpy() for k, v in feats.items()}
-    counts = torch.bincount(classes, minlength=10).tolist()
-    kid_mean, kid_std = kernel_inception_distance(f["train"], f["generated"])
-    precision, recall = precision_recall(torch.from_numpy(f["train"]).float(), feats["generated"])
-    result = {
-        "checkpoint": ckpt.name, "samples": n, "extractor": {"kind": "digit classifier", "heldout_accuracy": accuracy},
-        "fid": frechet_distance(f["train"], f["generated"]),
-        "fid_heldout_reference": frechet_distance(f["train"], f["heldout"]),
-        "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
-        "class_counts": counts, "classes_covered": sum(c >= 0.02 * n for c in counts),
-        "memorization": memorization(generated, train[0], heldout[0], feats),
-        "equilibrium": equilibrium(run_dir, recipe),
-    }
+    generated = generate(recipe, nets, cfg.eval.samples, seed=12345)
+    result = {"checkpoint": ckpt.name, **evaluator.score(generated), "equilibrium": equilibrium(run_dir, recipe)}
+    if result.get("classes_covered", 10) < 10:
+        result["equilibrium"]["warnings"].append(
+            f"mode collapse: only {result['classes_covered']} of 10 classes have >= 2% of the samples {result['class_counts']}")
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
-    _, nearest = nearest_neighbours(generated[:16].flatten(1).float(), train[0].flatten(1).float())
-    pairs = torch.stack([generated[:16].float(), train[0][nearest]], 1).flatten(0, 1)
+    _, nearest = nearest_neighbours(generated[:16].flatten(1), evaluator.train[0].flatten(1))
+    pairs = torch.stack([generated[:16], evaluator.train[0][nearest]], 1).flatten(0, 1)
     save_grid(pairs, out_dir / "memorization.png", nrow=8)  # each sample beside its nearest training image
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_report(run_dir, result)
     return result

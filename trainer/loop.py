@@ -25,6 +25,7 @@ from trainer.config import Config, OptimConfig, config_to_dict
 from trainer.data import DataStream, StreamPosition, expand_urls
 from trainer.engine import Engine, make_engine
 from trainer.errors import ConfigError
+from trainer.evaluate import Evaluator
 from trainer.images import save_grid
 from trainer.tracking import Tracker
 
@@ -104,6 +105,7 @@ def train(cfg: Config) -> Path:
         log.info("resumed %s at step %d", resume_from, step)
     engine.data = DataStream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, position=position)
     tracker = Tracker(run_dir, cfg, enabled=engine.is_main, start_step=step)
+    evaluator = Evaluator(cfg) if cfg.eval.every and engine.is_main else None  # real-data features, once
     if step >= cfg.train.steps:
         log.info("%s is already at step %d of %d: nothing to do", run_dir, step, cfg.train.steps)
 
@@ -135,6 +137,13 @@ def train(cfg: Config) -> Path:
                 path = save_grid(images, run_dir / "samples" / f"step-{step:08d}.png")
                 tracker.log_image(step, "samples/fixed_noise", path)
 
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            share = -(-cfg.eval.samples // engine.world)  # each rank generates its share; rank 0 scores all
+            noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
+            images = engine.accelerator.gather(generate_samples(engine, recipe, recipe.fixed_inputs(share, noise)).float())
+            if evaluator is not None:
+                tracker.log(step, Evaluator.scalars(evaluator.score(images[: cfg.eval.samples].cpu())))
+
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(
                 run_dir, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
@@ -156,8 +165,9 @@ def train(cfg: Config) -> Path:
 
 
 def generate_samples(engine: Engine, recipe, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fixed-input grid. Every rank runs it (sharded models need all ranks in a forward);
-    networks go to eval mode, so sampling leaves BatchNorm statistics and RNG streams untouched."""
+    """Images from given inputs (the fixed-noise grid, eval samples). Every rank runs it (sharded
+    models need all ranks in a forward); networks go to eval mode, so sampling leaves BatchNorm
+    statistics and RNG streams untouched."""
     for net in engine.nets.values():
         net.eval()
     with torch.no_grad():
