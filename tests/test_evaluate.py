@@ -49,9 +49,10 @@ def test_in_training_eval_and_eval_cli_report(mnist_shards, tmp_path):
     gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 60, "eval.every": 30, "eval.samples": 200}))
     during = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if "eval/fid" in r]
     assert [r["step"] for r in during] == [30, 60] and all(r["eval/fid"] > 0 for r in during)
-    out = gannet("eval", str(run), "--n", "300")
+    out = gannet("eval", str(run), "--n", "300", "--steps", "all")
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert report["checkpoint"] == "step-00000060" and report["samples"] == 300
+    assert [r["step"] for r in report["over_steps"]] == [30, 45, 60]  # FID over the kept checkpoints (newest 3)
     assert report["fid"] > report["fid_heldout_reference"] >= 0  # 60 steps of a tiny GAN is not yet real data
     assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1 and sum(report["class_counts"]) == 300
     assert report["memorization"]["verdict"] == "no sign of memorization"

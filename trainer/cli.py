@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--n", type=int, help="generated samples (default: the run's eval.samples, 1000)")
     p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
+    p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
 
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
@@ -137,10 +138,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
 
-    r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout)
+    r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps)
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
-    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples, features: {r['extractor']})\n"
+    history = "".join(f"\n  step {row['step']}: FID {row['eval/fid']:.2f}" for row in r["over_steps"][:-1])
+    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples, features: {r['extractor']}){history}\n"
           f"  FID {r['fid']:.2f} (real held-out vs train: {r['fid_heldout_reference']:.2f})  KID {r['kid']:.4f}\n"
           f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}{coverage}\n"
           f"  memorization: {mem['verdict']} (nearest-train distance vs held-out: pixels {mem['pixel']['ratio']:.2f}x, "

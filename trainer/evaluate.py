@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.recipes import get_recipe
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import list_checkpoints
 from trainer.config import Config, config_from_dict
 from trainer.data import decode_image_sample, expand_urls
 from trainer.errors import ConfigError, GannetError
@@ -229,23 +229,34 @@ def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int, device:
     return torch.cat(parts).float().cpu()
 
 
-def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None) -> dict[str, Any]:
-    """`gannet eval`: score the latest checkpoint, draw the memorization grid and the report."""
+def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
+             steps: str = "latest") -> dict[str, Any]:
+    """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
+    memorization grid and the report for the last of them."""
     config_file = run_dir / "config.yaml"
-    ckpt = latest_checkpoint(run_dir)
-    if not config_file.is_file() or ckpt is None:
+    kept = {int(p.name.split("-")[1]): p for p in list_checkpoints(run_dir)}
+    if not config_file.is_file() or not kept:
         raise GannetError(f"{run_dir} is not a gannet run directory with a checkpoint")
+    wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
+    missing = [s for s in wanted if s not in kept]
+    if missing:
+        raise ConfigError(f"--steps: no checkpoint for step(s) {missing} in {run_dir} (kept: {sorted(kept)})")
     raw = yaml.safe_load(config_file.read_text())
     raw.setdefault("eval", {}).update({k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
     cfg = config_from_dict(raw)
     evaluator = Evaluator(cfg)
     recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
     nets = recipe.build()
-    for name, net in nets.items():
-        net.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
-        net.eval()
-    generated = generate(recipe, nets, cfg.eval.samples, seed=12345)
-    result = {"checkpoint": ckpt.name, **evaluator.score(generated), "equilibrium": equilibrium(run_dir, recipe)}
+    over_steps = []
+    for step in wanted:
+        for name, net in nets.items():
+            net.load_state_dict(load_file(str(kept[step] / f"{name}.safetensors")))
+            net.eval()
+        generated = generate(recipe, nets, cfg.eval.samples, seed=12345)
+        scores = evaluator.score(generated)
+        over_steps.append({"step": step, **Evaluator.scalars(scores)})
+    result = {"checkpoint": kept[wanted[-1]].name, **scores, "over_steps": over_steps,
+              "equilibrium": equilibrium(run_dir, recipe)}
     if result.get("classes_covered", 10) < 10:
         result["equilibrium"]["warnings"].append(
             f"mode collapse: only {result['classes_covered']} of 10 classes have >= 2% of the samples {result['class_counts']}")

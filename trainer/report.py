@@ -37,9 +37,8 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> Path:
     ax.set(title="discriminator outputs", xlabel="step")
     ax.legend()
     ax = axes[0, 2]
-    steps, fids = _series(rows, "eval/fid")
-    ax.plot(steps, fids, "o-", label="FID during training")
-    ax.axhline(result["fid"], color="C1", ls=":", label=f"FID now {result['fid']:.1f}")
+    ax.plot(*_series(rows, "eval/fid"), "o-", label="during training")
+    ax.plot(*_series(result["over_steps"], "eval/fid"), "s--", label="gannet eval (checkpoints)")
     ax.axhline(result["fid_heldout_reference"], color="grey", ls="--", label="held-out real vs train")
     ax.set(title=f"FID ({result['extractor']['kind']} features)", xlabel="step")
     ax.legend()
