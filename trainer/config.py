@@ -291,6 +291,12 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if cfg.eval.extractor == "inception" and not Path(cfg.eval.inception).is_file():  # checked before any process starts
+        raise ConfigError(
+            f"eval.inception={cfg.eval.inception!r}: extractor=inception needs the standard FID Inception file. Put "
+            f"inception-2015-12-05.pt (TorchScript, from StyleGAN2-ADA's metrics) on disk and set eval.inception=PATH; "
+            f"gannet never downloads at run time. Or use eval.extractor=classifier (offline, trained by gannet)."
+        )
     if cfg.eval.samples < 10:
         raise ConfigError(f"eval.samples={cfg.eval.samples} must be >= 10")
     for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors,

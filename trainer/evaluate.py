@@ -116,12 +116,6 @@ class InceptionFeatures:
     to 299 itself; gannet only converts [-1, 1] images (grey repeated to RGB)."""
 
     def __init__(self, path: str):
-        if not path or not Path(path).is_file():
-            raise ConfigError(
-                f"eval.inception={path!r}: extractor=inception needs the standard FID Inception file. Put "
-                f"inception-2015-12-05.pt (TorchScript, from StyleGAN2-ADA's metrics) on disk and set eval.inception=PATH; "
-                f"gannet never downloads at run time. Or use eval.extractor=classifier (offline, trained by gannet)."
-            )
         self.model, self.info = torch.jit.load(path).eval(), {"kind": "inception", "path": path}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,14 +213,11 @@ class Evaluator:
         return out
 
 
-def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """n samples in chunks, from noise seeded apart from the training grids' fixed noise."""
+def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int) -> torch.Tensor:
+    """n samples in chunks (on the CPU), from noise seeded apart from the training grids' fixed noise."""
     noise = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        parts = [recipe.generate(nets, {k: v.to(device, dtype) for k, v in recipe.fixed_inputs(len(part), noise).items()})
-                 for part in torch.arange(n).split(250)]
-    return torch.cat(parts).float().cpu()
+        return torch.cat([recipe.generate(nets, recipe.fixed_inputs(len(part), noise)) for part in torch.arange(n).split(250)])
 
 
 def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
