@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.config import CONFIG_DIR
 from trainer.errors import GannetError
 
 EPILOG = """examples:
@@ -26,14 +27,16 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gannet", description="Train GANs from YAML configs on one CPU, many GPUs or a Slurm cluster.",
+        prog="gannet", description="Train GANs from YAML configs on a CPU, one GPU or many (Accelerate DDP or DeepSpeed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a config", description="Train CONFIG (a YAML path or a name under configs/).")
+    p = sub.add_parser("train", help="train a config", description=(
+        f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(sorted(c.stem for c in CONFIG_DIR.glob('*.yaml')))}). "
+        "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
     p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. train.steps=100 resume=auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
 
     p = sub.add_parser("resume", help="continue a run directory exactly", description="Continue RUN_DIR from its latest checkpoint, with its saved config.")
     p.add_argument("run_dir", type=Path)
