@@ -135,3 +135,10 @@ def test_corrupt_shards_are_skipped_counted_and_budgeted(small_shards, tmp_path,
 def test_missing_shards_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no file matches"):
         expand_urls(f"{tmp_path}/train-{{000000..000003}}.tar")
+
+
+def test_shards_smaller_than_one_batch_are_an_error_not_a_hang(small_shards):
+    cfg = data_cfg(small_shards, batch_size=128, num_workers=0)  # each rank of 6 sees 100 samples per pass
+    stream = DataStream(expand_urls(cfg.shards), cfg, rank=0, world=6, seed=0)
+    with pytest.raises(DataError, match="read 100 usable sample\\(s\\) in a whole pass .* fewer than data.batch_size=128"):
+        next(stream)

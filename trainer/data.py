@@ -140,7 +140,7 @@ class ShardStream(IterableDataset):
             raw = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
             buffer = self.cfg.shuffle_buffer
             shuffled = wds.shuffle(buffer, initial=buffer, seed=f"{self.seed}/{epoch}/{self.rank}/{worker}")(raw)
-            consumed, batch, decoded_any = 0, [], False
+            consumed, batch, decoded, yielded = 0, [], 0, False
             counters.skipping = skip > 0
             for sample in shuffled:
                 consumed += 1
@@ -149,18 +149,19 @@ class ShardStream(IterableDataset):
                     continue
                 try:
                     batch.append(decode_image_sample(sample, self.cfg.image_size, self.cfg.channels))
-                    decoded_any = True
+                    decoded += 1
                 except Exception as exn:  # a corrupt sample costs one sample, not the run
                     on_error(exn)
                     continue
                 if len(batch) == self.cfg.batch_size:
                     collated = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
                     yield collated, {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": counters.errors}
-                    batch = []
-            if not decoded_any and skip == 0:
+                    batch, yielded = [], True
+            if not yielded and skip == 0:  # a whole pass without one batch would loop forever: say so instead
                 raise DataError(
-                    f"rank {self.rank} worker {worker} read no usable sample in a whole pass over its shards "
-                    f"{shards} (last error: {counters.last_error or 'none; are the shards empty?'})"
+                    f"rank {self.rank} worker {worker} read {decoded} usable sample(s) in a whole pass over its shards "
+                    f"{shards}, fewer than data.batch_size={self.cfg.batch_size} (last error: "
+                    f"{counters.last_error or 'none'}); use more shards per worker, fewer workers or a smaller batch"
                 )
             epoch, skip = epoch + 1, 0  # the incomplete last batch of an epoch is dropped
 
