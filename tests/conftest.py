@@ -44,6 +44,11 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def without_perf(rows: list[dict]) -> list[dict]:
+    """Metrics records minus timings: what two runs of the same computation must share exactly."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
 def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m trainer ...`) in a fresh process from the repo root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}

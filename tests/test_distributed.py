@@ -4,9 +4,7 @@ DeepSpeed resume, and DDP resume on a different number of processes."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, tiny_overrides, without_perf
+from trainer.engine import free_port
+from trainer.tracking import read_metrics as metrics
 
 BIN = Path(sys.executable).parent
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -39,10 +33,6 @@ def accelerate_train(overrides: list[str], processes: int = 2) -> subprocess.Com
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "trainer", "train", "lsgan_mnist", *overrides]
     return run(cmd, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"})
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes_train_to_the_end(small_shards, tmp_path):
@@ -124,8 +114,7 @@ def test_deepspeed_resume_is_exact_with_per_network_zero_stages(small_shards, tm
         a, b = (load_file(str(tmp_path / run / "checkpoints" / "step-00000020" / f"{name}.safetensors"))
                 for run in ("straight", "split"))
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after a DeepSpeed resume"
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
-    assert strip(metrics(tmp_path / "split")) == strip(metrics(tmp_path / "straight"))
+    assert without_perf(metrics(tmp_path / "split")) == without_perf(metrics(tmp_path / "straight"))
 
 
 def test_ddp_checkpoint_resumes_on_a_different_number_of_processes(small_shards, tmp_path):

@@ -12,6 +12,7 @@ from tests.conftest import gannet, tiny_overrides
 from trainer.config import load_config
 from trainer.evaluate import classifier_for, load_images, memorization
 from trainer.metrics import frechet_distance
+from trainer.tracking import read_metrics
 
 
 def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_path):
@@ -47,7 +48,7 @@ def test_memorization_check_flags_copies_and_passes_new_images(mnist_shards):
 def test_in_training_eval_and_eval_cli_report(mnist_shards, tmp_path):
     run = tmp_path / "run"
     gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 60, "eval.every": 30, "eval.samples": 200}))
-    during = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if "eval/fid" in r]
+    during = [r for r in read_metrics(run) if "eval/fid" in r]
     assert [r["step"] for r in during] == [30, 60] and all(r["eval/fid"] > 0 for r in during)
     out = gannet("eval", str(run), "--n", "300", "--steps", "all")
     report = json.loads((run / "eval" / "eval.json").read_text())

@@ -3,28 +3,23 @@ bit-identical weights, corrupt shards are survived and reported, W&B offline fil
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, gannet, tiny_overrides
+from tests.conftest import REPO, gannet, tiny_overrides, without_perf
 from tests.test_data import corrupt_copy
 from tests.wandb_offline import find_run_files, read_history, read_media_files
 from trainer.statefile import load_state
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from trainer.tracking import read_metrics as metrics
 
 
 @pytest.mark.parametrize("config, extra", [
@@ -77,8 +72,7 @@ def test_sigkill_then_resume_is_bit_identical(small_shards, tmp_path):
     opt_a, opt_b = (load_state(p / "shared")["engine"]["optimizers"]["G"]["state"] for p in (final_a, final_b))
     assert all((opt_a[i]["exp_avg_sq"] == opt_b[i]["exp_avg_sq"]).all() for i in opt_a)
     # one history, no repeated or missing steps, and the same numbers as the uninterrupted run
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
-    assert strip(metrics(killed)) == strip(metrics(tmp_path / "straight"))
+    assert without_perf(metrics(killed)) == without_perf(metrics(tmp_path / "straight"))
 
 
 def test_corrupt_shard_is_skipped_and_reported(small_shards, tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from trainer.engine import free_port
+from trainer.tracking import read_metrics
 
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
               "zero2": ["train.strategy=deepspeed", "optim.g.zero_stage=2", "optim.d.zero_stage=2"],
@@ -36,10 +38,8 @@ DS_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_f
 def _launch(processes: int, args: list[str]) -> list[str]:
     if processes == 1:
         return [sys.executable, *args]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(port), *args]
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
+            "--master_port", str(free_port()), *args]
 
 
 def _env(cpu: bool, processes: int) -> dict[str, str]:
@@ -63,7 +63,7 @@ def throughput(config: str, overrides: list[str], processes: int, steps: int, cp
             args.append("train.cpu=true")
         result = subprocess.run(_launch(processes, args), env=_env(cpu, processes), capture_output=True, text=True)
         _check(result, f"throughput on {processes} process(es)")
-        last = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()][-1]
+        last = read_metrics(Path(tmp, "run"))[-1]
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)

@@ -33,6 +33,13 @@ from torch import nn
 from trainer.config import Config, OptimConfig
 
 
+def free_port() -> int:
+    """A free TCP port on loopback, for a rendezvous that gannet itself sets up."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Engine:
     """One training job's processes; `make_engine` picks the strategy. Implements recipes' `Step`."""
 
@@ -197,10 +204,8 @@ class DeepSpeedEngine(Engine):
 
         backend = "gloo" if self.device.type == "cpu" else "nccl"
         if not torch.distributed.is_initialized():  # one process, no launcher: set what torchrun would
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            launcher_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            launcher_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(free_port())}
             for key, value in launcher_env.items():
                 os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

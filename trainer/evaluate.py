@@ -21,17 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.recipes import get_recipe
-from trainer.checkpoint import list_checkpoints
-from trainer.config import Config, config_from_dict
+from trainer.config import Config
 from trainer.data import decode_image_sample, expand_urls
 from trainer.errors import ConfigError, GannetError
 from trainer.images import save_grid
 from trainer.report import write_report
+from trainer.sampling import load_networks, open_run
+from trainer.tracking import read_metrics
 from trainer.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
 
 log = logging.getLogger("gannet")
@@ -156,8 +155,7 @@ def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Te
 
 def equilibrium(run_dir: Path, recipe: Any, window: int = 10) -> dict[str, Any]:
     """Recent D statistics against the game's equilibrium, with warnings a user can act on."""
-    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    rows = [r for r in records if "train/loss_d" in r][-window:]  # eval records share the file
+    rows = [r for r in read_metrics(run_dir) if "train/loss_d" in r][-window:]  # eval records share the file
     recent = {k: float(np.mean([r[f"train/{k}"] for r in rows])) for k in ("loss_d", "loss_g", "d_real", "d_fake")}
     target = recipe.equilibrium()
     warnings = []
@@ -224,25 +222,15 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
              steps: str = "latest") -> dict[str, Any]:
     """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
     memorization grid and the report for the last of them."""
-    config_file = run_dir / "config.yaml"
-    kept = {int(p.name.split("-")[1]): p for p in list_checkpoints(run_dir)}
-    if not config_file.is_file() or not kept:
-        raise GannetError(f"{run_dir} is not a gannet run directory with a checkpoint")
+    cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
     wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
     missing = [s for s in wanted if s not in kept]
     if missing:
         raise ConfigError(f"--steps: no checkpoint for step(s) {missing} in {run_dir} (kept: {sorted(kept)})")
-    raw = yaml.safe_load(config_file.read_text())
-    raw.setdefault("eval", {}).update({k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
-    cfg = config_from_dict(raw)
     evaluator = Evaluator(cfg)
-    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
-    nets = recipe.build()
     over_steps = []
     for step in wanted:
-        for name, net in nets.items():
-            net.load_state_dict(load_file(str(kept[step] / f"{name}.safetensors")))
-            net.eval()
+        nets = load_networks(recipe, kept[step])
         generated = generate(recipe, nets, cfg.eval.samples, seed=12345)
         scores = evaluator.score(generated)
         over_steps.append({"step": step, **Evaluator.scalars(scores)})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from trainer.tracking import read_metrics  # noqa: E402
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -21,7 +22,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def write_report(run_dir: Path, result: dict[str, Any]) -> Path:
     """Loss curves, D outputs against equilibrium, FID over steps, the latest samples, the
     memorization grid and class coverage, in one PNG."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     target = result["equilibrium"]["equilibrium"]
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     ax = axes[0, 0]

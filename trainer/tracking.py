@@ -23,6 +23,11 @@ from trainer.config import Config, config_to_dict
 log = logging.getLogger("gannet")
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of RUN/metrics.jsonl, in order (training and eval records share the file)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 class Tracker:
     """Rank 0's metric sink. Other ranks build one with `enabled=False`: every call is a no-op."""
 
@@ -45,9 +50,9 @@ class Tracker:
         """On resume, drop records a killed run wrote after its last checkpoint: one history, no repeats."""
         if not self.jsonl.exists():
             return
-        keep = [line for line in self.jsonl.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = [record for record in read_metrics(self.run_dir) if record["step"] <= step]
         tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in keep))
         os.replace(tmp, self.jsonl)
 
     def _start_wandb(self, cfg: Config) -> None:
