@@ -66,10 +66,9 @@ def throughput(config: str, overrides: list[str], processes: int, steps: int, cp
         last = read_metrics(Path(tmp, "run"))[-1]
     from trainer.config import load_config
 
-    cfg = load_config(config, overrides)
-    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * cfg.recipe.d_steps * processes
     ips = last["perf/images_per_s"]
-    return {"processes": processes, "images_per_s": ips, "ms_per_step": 1000 * images_per_step / ips}
+    return {"processes": processes, "images_per_s": ips,
+            "ms_per_step": 1000 * load_config(config, overrides).images_per_step(processes) / ips}
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:

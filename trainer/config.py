@@ -115,6 +115,10 @@ class Config:
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
 
+    def images_per_step(self, world: int) -> int:
+        """Real images one generator step consumes across `world` processes (k D-steps, micro-batches)."""
+        return self.data.batch_size * self.train.grad_accum * self.recipe.d_steps * world
+
 
 def resolve_config_path(name_or_path: str) -> Path:
     """A YAML path as given, or a name under configs/ (`lsgan_mnist` -> configs/lsgan_mnist.yaml)."""

@@ -110,7 +110,7 @@ def train(cfg: Config) -> Path:
         log.info("%s is already at step %d of %d: nothing to do", run_dir, step, cfg.train.steps)
 
     # 4. The loop: one recipe iteration per step; log, sample and checkpoint on their schedules.
-    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * cfg.recipe.d_steps * engine.world
+    images_per_step = cfg.images_per_step(engine.world)
     clock, clock_step = time.perf_counter(), step
     while step < cfg.train.steps:
         metrics = recipe.iteration(engine)
