@@ -27,11 +27,11 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subpro
     return result
 
 
-def accelerate_train(overrides: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def accelerate_train(overrides: list[str], processes: int = 2, config: str = "lsgan_mnist") -> subprocess.CompletedProcess:
     """`accelerate launch` on CPU as DESIGN.md prescribes (ACCELERATE_USE_CPU + --multi_gpu)."""
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "trainer", "train", "lsgan_mnist", *overrides]
+           "-m", "trainer", "train", config, *overrides]
     return run(cmd, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"})
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import CONFIG_DIR
-from trainer.errors import GannetError
+from trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
@@ -21,6 +21,9 @@ EPILOG = """examples:
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
   gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
   gannet sample runs/lsgan_mnist --out grid.png
+  gannet sample runs/cgan_mnist --label 7 --out sevens.png
+  gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
+  gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
   accelerate launch -m trainer train lsgan_mnist  # same code, many processes
 """
 
@@ -42,13 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=5000 to extend the run")
 
-    p = sub.add_parser("shards", help="write WebDataset shards", description="Write WebDataset tar shards (png + cls) for training.")
-    p.add_argument("kind", choices=["mnist"], help="mnist: the 5,000 bundled real digits, or IDX files with --images/--labels")
+    p = sub.add_parser("shards", help="write WebDataset shards", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write WebDataset tar shards (image + cls + txt captions) for training.", epilog="""kinds:
+  mnist                      the 5,000 bundled real digits (or IDX files: --images/--labels), with captions
+                             measured from each digit (class, stroke thickness, slant, width)
+  captions FOLDER            images with a caption file beside each (cat.jpg + cat.txt, one caption per line)
+  cub ROOT                   CUB-200-2011 with Reed et al.'s captions: ROOT/images/CLASS/*.jpg + ROOT/text/CLASS/*.txt
+  coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder""")
+    p.add_argument("kind", choices=["mnist", "captions", "cub", "coco"])
+    p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub) or captions JSON (coco)")
     p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar)")
-    p.add_argument("--images", type=Path, help="MNIST IDX images file (e.g. train-images-idx3-ubyte.gz)")
+    p.add_argument("--images", type=Path, help="mnist: IDX images file (e.g. train-images-idx3-ubyte.gz); coco: the image folder")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--holdout", type=int, default=500, help="samples held out as val-*.tar (default 500)")
+    p.add_argument("--holdout", type=int, help="samples held out as val-*.tar (default: 500 for mnist, 0 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
 
     p = sub.add_parser("sample", help="draw a sample grid from a run", description="Draw samples from RUN_DIR's latest checkpoint into a PNG grid.")
@@ -56,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG path")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, help="class to draw (class-conditional runs, recipe cgan)")
+    p.add_argument("--text", action="append", metavar="CAPTION",
+                   help="caption to draw (text-to-image runs); give it twice for an interpolation grid between two captions")
+    p.add_argument("--interpolate", type=int, default=8, metavar="STEPS",
+                   help="columns of an interpolation grid from the first --text to the second (default 8)")
 
     p = sub.add_parser("eval", help="FID/KID, precision/recall, memorization, equilibrium", description=(
         "Evaluate RUN_DIR's latest checkpoint offline: FID/KID and precision/recall in the features of a digit "
@@ -123,10 +138,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from trainer.shards import write_mnist_shards
+    from trainer import shards
 
-    counts = write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
-                                holdout=args.holdout, seed=args.seed)
+    if args.kind == "mnist":
+        counts = shards.write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
+                                           holdout=500 if args.holdout is None else args.holdout, seed=args.seed)
+    else:
+        if args.source is None:
+            raise ConfigError(f"gannet shards {args.kind} needs its source: the folder, or the COCO captions JSON")
+        if args.kind == "coco" and args.images is None:
+            raise ConfigError("gannet shards coco needs --images DIR (the folder the JSON's file_name entries are in)")
+        items = {"captions": lambda: shards.caption_pairs(args.source), "cub": lambda: shards.cub_captions(args.source),
+                 "coco": lambda: shards.coco_captions(args.source, args.images)}[args.kind]()
+        counts = shards.write_caption_shards(args.out, items, shard_size=args.shard_size, holdout=args.holdout or 0, seed=args.seed)
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 
@@ -134,7 +158,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from trainer.sampling import sample_grid
 
-    print(sample_grid(args.run_dir, args.out, n=args.n, seed=args.seed))
+    print(sample_grid(args.run_dir, args.out, n=args.n, seed=args.seed, label=args.label, texts=args.text,
+                      interpolate=args.interpolate))
     return 0
 
 
@@ -144,6 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps)
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
+    if "condition_accuracy" in r:
+        coverage += f"\n  follows its condition: the classifier sees the asked-for class in {r['condition_accuracy']:.1%} of samples"
+    if "caption_agreement" in r:
+        coverage += "\n  caption agreement (chance ~33%): " + ", ".join(f"{k} {v:.1%}" for k, v in r["caption_agreement"].items())
     history = "".join(f"\n  step {row['step']}: FID {row['eval/fid']:.2f}" for row in r["over_steps"][:-1])
     print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples, features: {r['extractor']}){history}\n"
           f"  FID {r['fid']:.2f} (real held-out vs train: {r['fid_heldout_reference']:.2f})  KID {r['kid']:.4f}\n"

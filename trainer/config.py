@@ -30,6 +30,7 @@ class DataConfig:
     num_workers: int = 1  # loader processes per rank; each reads its own shards
     shuffle_buffer: int = 1000
     max_errors: int = 100  # corrupt samples/shards skipped before the run stops
+    text_encoder: str = ""  # captions -> `text_emb`: minilm (bundled all-MiniLM-L6-v2), a HF model folder, hashed; "" = no text
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ModelConfig:
     g_width: int = 64  # channels of G's last hidden layer (DCGAN's ngf)
     d_width: int = 64  # channels of D's first layer (DCGAN's ndf)
     norm: Literal["batch", "none"] = "batch"  # none: no BatchNorm (results independent of batch split)
+    num_classes: int = 10  # label-conditional networks (dcgan_label, projection, concat)
+    cond_dim: int = 128  # width of the label embedding / compressed text embedding
+    cond_aug: bool = False  # text: conditioning augmentation (StackGAN), c ~ N(mu(t), sigma(t)) + KL loss
 
 
 @dataclass
@@ -282,6 +286,7 @@ def _check_ranges(cfg: Config) -> None:
         "model.z_dim": cfg.model.z_dim,
         "model.g_width": cfg.model.g_width,
         "model.d_width": cfg.model.d_width,
+        "model.cond_dim": cfg.model.cond_dim,
         "train.steps": cfg.train.steps,
         "train.grad_accum": cfg.train.grad_accum,
         "train.log_every": cfg.train.log_every,

@@ -9,6 +9,9 @@ Design (see DESIGN.md, "WebDataset rules"):
   per worker (epoch, raw samples consumed in that epoch), plus which worker is next.
 - Shuffling happens on raw (undecoded) samples from a seeded buffer, and decoding comes after,
   so resuming replays only tar reads to the saved position, never image decodes or transforms.
+- Captions (the `txt` field, one per line) become `text_emb` when `data.text_encoder` is set: one
+  caption per sample and epoch, drawn from a seed of the sample's position (so a resumed stream
+  draws the same ones), encoded in the worker by a frozen sentence encoder (models.text).
 - A sample or shard that fails to read or decode is skipped and counted. Counts travel with the
   batches to the training process, which enforces `data.max_errors` for the whole run.
 """
@@ -30,6 +33,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from models.text import SentenceEncoder
 from trainer.config import DataConfig
 from trainer.errors import ConfigError, DataError
 
@@ -77,6 +81,31 @@ def decode_image_sample(sample: dict[str, Any], image_size: int, channels: int) 
         pixels = pixels.transpose(2, 0, 1)
     label = int(sample["cls"]) if "cls" in sample else -1
     return {"image": torch.from_numpy(pixels / 127.5 - 1.0), "label": torch.tensor(label)}
+
+
+def sample_captions(sample: dict[str, Any]) -> list[str]:
+    """The captions of one raw sample: its `txt` field, one caption per non-empty line."""
+    if "txt" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no caption (txt field), and data.text_encoder is set")
+    captions = [line.strip() for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
+    if not captions:
+        raise ValueError(f"sample {sample.get('__key__')!r} has an empty caption")
+    return captions
+
+
+def first_captions(urls: list[str], n: int) -> list[tuple[str, int]]:
+    """(first caption, class or -1) of the first `n` captioned samples, in shard order: the fixed
+    prompts behind a text-to-image run's sample grids (the same for every run on these shards)."""
+    found: list[tuple[str, int]] = []
+    for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue):
+        if "txt" in sample:
+            found.append((sample_captions(sample)[0], int(sample["cls"]) if "cls" in sample else -1))
+            if len(found) == n:
+                break
+    if not found:
+        raise DataError(f"no captioned samples (txt field) in {urls[0]} ...: text-to-image needs caption shards "
+                        f"(gannet shards mnist|captions|cub|coco)")
+    return found
 
 
 @dataclass
@@ -127,6 +156,7 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.position.next_worker) % self.workers
         epoch, skip = self.position.epochs[worker], self.position.consumed[worker]
         counters = _WorkerCounters()
+        encoder = SentenceEncoder(self.cfg.text_encoder) if self.cfg.text_encoder else None
 
         def on_error(exn: Exception) -> bool:
             if not counters.skipping:  # errors before the resume point were counted by the earlier run
@@ -140,7 +170,7 @@ class ShardStream(IterableDataset):
             raw = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
             buffer = self.cfg.shuffle_buffer
             shuffled = wds.shuffle(buffer, initial=buffer, seed=f"{self.seed}/{epoch}/{self.rank}/{worker}")(raw)
-            consumed, batch, decoded, yielded = 0, [], 0, False
+            consumed, batch, captions, decoded, yielded = 0, [], [], 0, False
             counters.skipping = skip > 0
             for sample in shuffled:
                 consumed += 1
@@ -148,13 +178,19 @@ class ShardStream(IterableDataset):
                     counters.skipping = consumed < skip
                     continue
                 try:
-                    batch.append(decode_image_sample(sample, self.cfg.image_size, self.cfg.channels))
+                    item = decode_image_sample(sample, self.cfg.image_size, self.cfg.channels)
+                    if encoder is not None:
+                        draw = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/{consumed}")
+                        captions.append(draw.choice(sample_captions(sample)))
+                    batch.append(item)
                     decoded += 1
                 except Exception as exn:  # a corrupt sample costs one sample, not the run
                     on_error(exn)
                     continue
                 if len(batch) == self.cfg.batch_size:
                     collated = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
+                    if encoder is not None:
+                        collated["text_emb"], captions = encoder(captions), []
                     yield collated, {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": counters.errors}
                     batch, yielded = [], True
             if not yielded and skip == 0:  # a whole pass without one batch would loop forever: say so instead

@@ -80,9 +80,13 @@ class Engine:
     # -- the Step interface recipes use -------------------------------------------------------
 
     def batch(self) -> dict[str, torch.Tensor]:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
-        out["image"] = out["image"].to(self.input_dtype)
-        return out
+        return self.inputs(next(self.data))
+
+    def inputs(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Network inputs on this rank's device; floating ones (images, text embeddings) in the
+        networks' precision, integer ones (labels) as they are."""
+        return {k: v.to(self.device, self.input_dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+                for k, v in tensors.items()}
 
     def noise(self, n: int, dim: int) -> torch.Tensor:
         return torch.randn(n, dim, device=self.device).to(self.input_dtype)

@@ -24,6 +24,7 @@ import webdataset as wds
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.captions import attribute_agreement
 from trainer.config import Config
 from trainer.data import decode_image_sample, expand_urls
 from trainer.errors import ConfigError, GannetError
@@ -184,7 +185,9 @@ class Evaluator:
             self.heldout_feats = self.extractor.features(self.heldout[0])
         self.fid_reference = frechet_distance(self.train_feats.double().numpy(), self.heldout_feats.double().numpy())
 
-    def score(self, generated: torch.Tensor) -> dict[str, Any]:
+    def score(self, generated: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Quality of `generated`; with the classes they were asked for (`labels`, -1 = none), also
+        how often the independent classifier sees that class: whether G follows its condition."""
         with torch.no_grad():
             feats = self.extractor.features(generated)
         real, fake = self.train_feats.double().numpy(), feats.double().numpy()
@@ -201,21 +204,38 @@ class Evaluator:
         if classes is not None:
             counts = torch.bincount(classes, minlength=10).tolist()
             result.update(class_counts=counts, classes_covered=sum(c >= 0.02 * len(generated) for c in counts))
+            asked = labels >= 0 if labels is not None else None
+            if asked is not None and asked.any():
+                result["condition_accuracy"] = (classes[asked] == labels[asked]).float().mean().item()
         return result
 
     @staticmethod
     def scalars(result: dict[str, Any]) -> dict[str, float]:
         """The numbers for metrics.jsonl and W&B (eval/...)."""
-        out = {f"eval/{k}": float(result[k]) for k in ("fid", "kid", "precision", "recall", "classes_covered") if k in result}
+        keys = ("fid", "kid", "precision", "recall", "classes_covered", "condition_accuracy")
+        out = {f"eval/{k}": float(result[k]) for k in keys if k in result}
+        out.update({f"eval/caption_{k}": v for k, v in result.get("caption_agreement", {}).items()})
         out["eval/memorization_ratio_pixel"] = result["memorization"]["pixel"]["ratio"]
         return out
 
 
-def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int) -> torch.Tensor:
-    """n samples in chunks (on the CPU), from noise seeded apart from the training grids' fixed noise."""
+def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """n samples in chunks (on the CPU), from noise seeded apart from the training grids' fixed
+    noise, and the non-noise inputs behind them (classes, prompt indices) for conditional runs."""
     noise = torch.Generator().manual_seed(seed)
+    images, inputs = [], []
     with torch.no_grad():
-        return torch.cat([recipe.generate(nets, recipe.fixed_inputs(len(part), noise)) for part in torch.arange(n).split(250)])
+        for part in torch.arange(n).split(250):
+            inputs.append(recipe.fixed_inputs(len(part), noise))
+            images.append(recipe.generate(nets, inputs[-1]))
+    conditions = {k: torch.cat([i[k] for i in inputs]) for k in inputs[0] if k in ("label", "prompt")}
+    return torch.cat(images), conditions
+
+
+def caption_agreement(recipe: Any, images: torch.Tensor, prompt_index: torch.Tensor) -> dict[str, float]:
+    """Text-to-image on 28-px digits: do the strokes, slant and width follow the caption's words?"""
+    pixels = ((images[:, 0].float() + 1) * 127.5).clamp(0, 255).numpy()
+    return attribute_agreement(pixels, [recipe.prompts[i][0] for i in prompt_index.tolist()])
 
 
 def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
@@ -231,8 +251,10 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     over_steps = []
     for step in wanted:
         nets = load_networks(recipe, kept[step])
-        generated = generate(recipe, nets, cfg.eval.samples, seed=12345)
-        scores = evaluator.score(generated)
+        generated, conditions = generate(recipe, nets, cfg.eval.samples, seed=12345)
+        scores = evaluator.score(generated, conditions.get("label"))
+        if "prompt" in conditions and cfg.data.image_size == 28 and cfg.data.channels == 1:
+            scores["caption_agreement"] = caption_agreement(recipe, generated, conditions["prompt"])
         over_steps.append({"step": step, **Evaluator.scalars(scores)})
     result = {"checkpoint": kept[wanted[-1]].name, **scores, "over_steps": over_steps,
               "equilibrium": equilibrium(run_dir, recipe)}

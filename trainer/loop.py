@@ -140,9 +140,12 @@ def train(cfg: Config) -> Path:
         if cfg.eval.every and step % cfg.eval.every == 0:
             share = -(-cfg.eval.samples // engine.world)  # each rank generates its share; rank 0 scores all
             noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
-            images = engine.accelerator.gather(generate_samples(engine, recipe, recipe.fixed_inputs(share, noise)).float())
+            inputs = recipe.fixed_inputs(share, noise)
+            images = engine.accelerator.gather(generate_samples(engine, recipe, inputs).float())
+            labels = engine.accelerator.gather(inputs["label"].to(engine.device)) if "label" in inputs else None
             if evaluator is not None:
-                tracker.log(step, Evaluator.scalars(evaluator.score(images[: cfg.eval.samples].cpu())))
+                scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
+                tracker.log(step, Evaluator.scalars(scores))
 
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(
@@ -171,7 +174,7 @@ def generate_samples(engine: Engine, recipe, inputs: dict[str, torch.Tensor]) ->
     for net in engine.nets.values():
         net.eval()
     with torch.no_grad():
-        images = recipe.generate(engine.nets, {k: v.to(engine.device, engine.input_dtype) for k, v in inputs.items()})
+        images = recipe.generate(engine.nets, engine.inputs(inputs))
     for net in engine.nets.values():
         net.train()
     return images

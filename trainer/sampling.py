@@ -39,9 +39,36 @@ def load_networks(recipe: Any, checkpoint: Path) -> dict[str, nn.Module]:
     return nets
 
 
-def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int) -> Path:
-    _, recipe, kept = open_run(run_dir)
+def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | None = None,
+                texts: list[str] | None = None, interpolate: int = 8) -> Path:
+    """A PNG grid from the run's latest checkpoint: the run's own prompts/classes by default; one
+    class (`label`) for a conditional GAN; one caption, or an interpolation between two captions
+    (rows: noise vectors; columns: `interpolate` steps from the first caption to the second), for a
+    text-to-image GAN."""
+    cfg, recipe, kept = open_run(run_dir)
+    condition = getattr(recipe, "condition", "")
+    if label is not None and condition != "label":
+        raise GannetError(f"--label needs a class-conditional run (recipe cgan); {run_dir} is {cfg.recipe.name}")
+    if texts and condition != "text":
+        raise GannetError(f"--text needs a text-to-image run (recipe t2i); {run_dir} is {cfg.recipe.name}")
+    if texts and len(texts) > 2:
+        raise GannetError("--text: give one caption, or two to interpolate between")
+    if label is not None and not 0 <= label < cfg.model.num_classes:
+        raise GannetError(f"--label {label} is not a class of this run (0..{cfg.model.num_classes - 1})")
     nets = load_networks(recipe, kept[max(kept)])
+    noise = torch.Generator().manual_seed(seed)
+    nrow = None
+    if label is not None:
+        inputs = {"z": torch.randn(n, cfg.model.z_dim, generator=noise), "label": torch.full((n,), label)}
+    elif texts:
+        steps = interpolate if len(texts) == 2 else 1
+        rows = max(n // steps, 1)
+        z = torch.randn(rows, cfg.model.z_dim, generator=noise).repeat_interleave(steps, dim=0)
+        first, second = recipe.encode(texts if len(texts) == 2 else texts * 2)
+        beta = torch.linspace(0, 1, steps).repeat(rows)[:, None] if steps > 1 else torch.zeros(rows, 1)
+        inputs, nrow = {"z": z, "text_emb": (1 - beta) * first + beta * second}, (steps if steps > 1 else None)
+    else:
+        inputs = recipe.fixed_inputs(n, noise)
     with torch.no_grad():
-        images = recipe.generate(nets, recipe.fixed_inputs(n, torch.Generator().manual_seed(seed)))
-    return save_grid(images, out)
+        images = recipe.generate(nets, inputs)
+    return save_grid(images, out, nrow=nrow)

@@ -1,6 +1,6 @@
 """Writing WebDataset shards (`gannet shards ...`).
 
-Samples are written as `KEY.png` (+ `KEY.cls`) in plain tar files through `webdataset.ShardWriter`,
+Samples are written as `KEY.png` (+ `KEY.cls`, + `KEY.txt`: captions, one per line) in plain tar files through `webdataset.ShardWriter`,
 so anything that reads WebDataset reads them, and anything that writes standard shards feeds gannet.
 A shard set appears all at once: it is written into a temporary folder and moved into place, so an
 interrupted conversion never leaves a half set that training would silently read.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import logging
 import os
 import shutil
 import struct
@@ -20,7 +22,11 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from trainer.captions import caption_digit
 from trainer.errors import ConfigError
+
+log = logging.getLogger("gannet")
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -75,8 +81,10 @@ def write_split(samples: Iterable[tuple[str, dict[str, bytes]]], out: Path, spli
 
 
 def labelled_images(pixels: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """MNIST samples: the digit, its class, and captions measured from its pixels (trainer.captions)."""
     for i in index:
-        yield f"{int(i):07d}", {"png": png_bytes(pixels[i]), "cls": str(int(labels[i])).encode()}
+        yield f"{int(i):07d}", {"png": png_bytes(pixels[i]), "cls": str(int(labels[i])).encode(),
+                                "txt": caption_digit(pixels[i], int(labels[i])).encode()}
 
 
 def write_mnist_shards(out: Path, *, images: Path | None = None, labels: Path | None = None,
@@ -115,3 +123,102 @@ def publish(out: Path, write_all: Callable[[Path], dict[str, int]]) -> dict[str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Image + caption datasets: a folder of pairs, CUB-200-2011 (Reed et al.'s text layout), COCO.
+
+CaptionedImage = tuple[Path, list[str], int]  # image file, its captions, class (-1 if none)
+
+
+def write_caption_shards(out: Path, items: list[CaptionedImage], *, shard_size: int = 500, holdout: int = 0,
+                         seed: int = 0) -> dict[str, int]:
+    """Shuffle (image, captions, class) items, hold out `holdout` as val-*.tar, write the rest as train-*.tar.
+
+    Image files are stored byte for byte (a JPEG stays a JPEG); each is opened once first, so a
+    corrupt or unsupported file is a clear error here rather than a skipped sample in training.
+    """
+    if not items:
+        raise ConfigError("no captioned images found")
+    if shard_size < 1 or not 0 <= holdout < len(items):
+        raise ConfigError(f"--shard-size must be >= 1 and --holdout in [0, {len(items)})")
+    for path, captions, _ in items:
+        if not captions:
+            raise ConfigError(f"{path}: no caption (an empty caption file?)")
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as exc:
+            raise ConfigError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    order = np.random.default_rng(seed).permutation(len(items))
+    splits = {"val": order[:holdout], "train": order[holdout:]}
+
+    def samples(index: np.ndarray) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for i in index:
+            path, captions, label = items[i]
+            fields = {IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes(), "txt": "\n".join(captions).encode()}
+            if label >= 0:
+                fields["cls"] = str(label).encode()
+            yield f"{int(i):07d}", fields
+
+    return publish(out, lambda tmp: {name: write_split(samples(idx), tmp, name, shard_size)
+                                     for name, idx in splits.items() if len(idx)})
+
+
+def read_captions(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def image_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise ConfigError(f"image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def caption_pairs(folder: Path) -> list[CaptionedImage]:
+    """A folder (searched recursively) where each image has a caption file beside it: cat.jpg + cat.txt."""
+    items = []
+    for image in image_files(folder):
+        text = image.with_suffix(".txt")
+        if not text.is_file():
+            raise ConfigError(f"{image} has no caption file {text.name} beside it")
+        items.append((image, read_captions(text), -1))
+    return items
+
+
+def cub_captions(root: Path) -> list[CaptionedImage]:
+    """CUB-200-2011 with Reed et al.'s captions: ROOT/images/CLASS/NAME.jpg + ROOT/text/CLASS/NAME.txt.
+
+    The class is the index of CLASS among the sorted class folders (001.Black_footed_Albatross -> 0).
+    Both `text/` and Reed et al.'s `text_c10/` are accepted.
+    """
+    text_root = next((root / name for name in ("text", "text_c10") if (root / name).is_dir()), None)
+    if text_root is None or not (root / "images").is_dir():
+        raise ConfigError(f"{root} is not a CUB-style folder: expected images/CLASS/*.jpg and text/CLASS/*.txt")
+    classes = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+    items = []
+    for image in image_files(root / "images"):
+        rel = image.relative_to(root / "images")
+        text = (text_root / rel).with_suffix(".txt")
+        if not text.is_file():
+            raise ConfigError(f"{image} has no captions at {text}")
+        items.append((image, read_captions(text), classes.index(rel.parts[0]) if len(rel.parts) > 1 else -1))
+    return items
+
+
+def coco_captions(annotations: Path, images: Path) -> list[CaptionedImage]:
+    """COCO captions: a captions_*.json (images[].file_name, annotations[].image_id/caption) + its image folder."""
+    try:
+        data = json.loads(annotations.read_text())
+        files = {int(img["id"]): img["file_name"] for img in data["images"]}
+        captions: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(int(ann["image_id"]), []).append(" ".join(str(ann["caption"]).split()))
+    except FileNotFoundError:
+        raise ConfigError(f"COCO captions file not found: {annotations}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{annotations} is not a COCO captions JSON ({type(exc).__name__}: {exc})") from None
+    missing = [files[i] for i in captions if not (images / files[i]).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} image(s) named in {annotations.name} are missing from {images}, e.g. {missing[0]}")
+    return [(images / files[i], captions[i], -1) for i in sorted(captions)]

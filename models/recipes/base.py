@@ -48,11 +48,13 @@ class AdversarialRecipe:
     """One generator G(z) against one discriminator D(x), trained by Algorithm 1 of the GAN paper.
 
     Each iteration: k times, a real minibatch and a noise minibatch update D; then a fresh noise
-    minibatch updates G through a frozen D. Subclasses supply only the losses, so the minimax
-    GAN, the non-saturating GAN and LSGAN share one, tested, update order.
+    minibatch updates G through a frozen D. Subclasses supply the losses (and, for conditional
+    GANs, the conditions or whole objectives), so the minimax GAN, the non-saturating GAN, LSGAN,
+    the conditional GAN and the text-to-image GAN share one, tested, update order.
     """
 
     Params: ClassVar[type] = AdversarialParams
+    condition: ClassVar[str] = ""  # what G is conditioned on besides z: "", "label" or "text"
 
     def __init__(self, params: AdversarialParams, cfg: Config):
         self.params = params
@@ -80,34 +82,45 @@ class AdversarialRecipe:
         """What the dashboards call D(x): a probability for the GAN, the raw score for LSGAN."""
         return out.mean()
 
+    def conditions(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What G and D see besides z and the image: nothing here; class labels for the conditional
+        GAN. `inputs` is a training batch or a set of sampling inputs: both carry the same fields."""
+        del inputs
+        return ()
+
+    def d_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss on one real batch and as many fresh fakes, and the D outputs the dashboards show."""
+        G, D, cond = step.nets["G"], step.nets["D"], self.conditions(batch)
+        real = batch["image"]
+        with torch.no_grad():
+            fake = G(step.noise(real.shape[0], self.cfg.model.z_dim), *cond)
+        real_out, fake_out = D(real, *cond).float(), D(fake, *cond).float()  # losses in fp32 under bf16/fp16
+        return self.d_loss(real_out, fake_out), {"d_real": self.d_stat(real_out.detach()), "d_fake": self.d_stat(fake_out.detach())}
+
+    def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """G's loss through the (frozen) D, on fresh noise with the batch's conditions."""
+        G, D, cond = step.nets["G"], step.nets["D"], self.conditions(batch)
+        gen_out = D(G(step.noise(batch["image"].shape[0], self.cfg.model.z_dim), *cond), *cond).float()
+        return self.g_loss(gen_out), {}
+
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
-        G, D, z_dim = step.nets["G"], step.nets["D"], self.cfg.model.z_dim
         for _ in range(self.params.d_steps):
             for _ in range(step.accumulation):  # micro-batches; the engine steps on the last one
-                real = step.batch()["image"]
-                with torch.no_grad():
-                    fake = G(step.noise(real.shape[0], z_dim))
-                real_out, fake_out = D(real).float(), D(fake).float()  # losses in fp32 under bf16/fp16
-                loss_d = self.d_loss(real_out, fake_out)
+                batch = step.batch()
+                loss_d, d_stats = self.d_objective(step, batch)
                 step.update("D", loss_d)
         with step.frozen("D"):
             for _ in range(step.accumulation):
-                gen_out = D(G(step.noise(real.shape[0], z_dim))).float()
-                loss_g = self.g_loss(gen_out)
+                loss_g, g_stats = self.g_objective(step, batch)
                 step.update("G", loss_g)
-        return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "d_real": self.d_stat(real_out.detach()),
-            "d_fake": self.d_stat(fake_out.detach()),
-        }
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **d_stats, **g_stats}
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The inputs behind every sample grid of a run: drawn once from the run's seed."""
         return {"z": torch.randn(n, self.cfg.model.z_dim, generator=generator)}
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return nets["G"](inputs["z"])
+        return nets["G"](inputs["z"], *self.conditions(inputs))
 
     def state_dict(self) -> dict:
         """Recipe state beyond the networks (none here; CycleGAN's image pools, say)."""

