@@ -170,7 +170,7 @@ def test_text_to_image_on_two_processes_under_zero2_with_in_training_eval(mnist_
                                                                    "optim.g.zero_stage": 2, "optim.d.zero_stage": 2,
                                                                    "eval.every": 10, "eval.samples": 100}), config="t2i_mnist")
     (row,) = [r for r in metrics(run) if "eval/fid" in r]
-    assert 0 <= row["eval/condition_accuracy"] <= 1 and "eval/caption_thickness" in row
+    assert 0 <= row["eval/condition_accuracy"] <= 1  # classes asked for on both ranks, gathered with the images
     assert (run / "checkpoints" / "step-00000010" / "deepspeed_G").is_dir()
 
 
