@@ -5,6 +5,7 @@ translation, two processes under DDP and DeepSpeed)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -205,3 +206,15 @@ def test_two_processes_train_to_the_end(silhouettes, tmp_path, strategy):
     pools = [load_state(final / f"rank{r}")["recipe"] for r in (0, 1)]
     assert all(len(p[d]) == 3 for p in pools for d in "AB")
     assert not torch.equal(pools[0]["A"][0], pools[1]["A"][0])  # each rank keeps its own fakes
+
+
+def test_bench_times_the_step_beside_the_plain_reference_step_and_both_compute_the_same(silhouettes, tmp_path):
+    out = tmp_path / "bench.json"
+    result = gannet("bench", "cyclegan_silhouettes", *tiny(silhouettes["small"], tmp_path / "unused"), "--reference-step",
+                    "--steps", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    ours, theirs = report["first_step_losses"]["gannet"], report["first_step_losses"]["reference"]
+    assert ours == pytest.approx(theirs, rel=1e-5)  # same weights, same batches: the same computation
+    assert report["gannet_ms"] > 0 and report["reference_ms"] > 0 and report["ratio"] > 0
+    assert report["params"]["G"] == 2 * count(ResnetGenerator(1, 8, 6))
+    assert "ratio gannet/reference" in result.stdout

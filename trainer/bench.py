@@ -238,16 +238,19 @@ def reference_cyclegan_step(nets: dict[str, torch.nn.Module], lr: float, betas: 
     return step
 
 
-def timed(step: Callable[[], dict[str, float]], steps: int, device: torch.device) -> tuple[list[float], dict[str, float]]:
-    """Seconds per call after one warm-up call, and the warm-up call's losses (the first step's)."""
-    first = step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+def interleaved(steps: dict[str, Callable[[], dict[str, float]]], n: int,
+                device: torch.device) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Seconds per call of each step function, timed in turns (A, B, A, B, ...) so that both see the
+    same machine load, after one warm-up call each; and the warm-up calls' losses (the first step's)."""
+    first = {name: step() for name, step in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
     return times, first
 
 
@@ -284,10 +287,9 @@ def cyclegan_step_bench(config: str, overrides: list[str], *, steps: int, out: P
         i = next(ref_calls)
         return reference(batches[i % 4], batches[(i + 1) % 4])
 
-    torch.manual_seed(0)
-    ours, ours_first = timed(lambda: {k: v.item() for k, v in recipe.iteration(engine).items()}, steps, engine.device)
-    torch.manual_seed(0)
-    theirs, theirs_first = timed(reference_step, steps, engine.device)
+    times, first = interleaved({"gannet": lambda: {k: v.item() for k, v in recipe.iteration(engine).items()},
+                                "reference": reference_step}, steps, engine.device)
+    ours, theirs, ours_first, theirs_first = times["gannet"], times["reference"], first["gannet"], first["reference"]
     engine.close()
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

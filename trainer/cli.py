@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar)")
     p.add_argument("--images", type=Path, help="MNIST IDX images file (e.g. train-images-idx3-ubyte.gz)")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
-    p.add_argument("--shard-size", type=int, help="samples per shard (default 500; 100 for silhouettes)")
+    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     p.add_argument("--a", type=Path, help="unpaired: folder of domain A images, any size (e.g. trainA/)")
     p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
     p.add_argument("--holdout", type=int, help="samples held out: val-*.tar for mnist (default 500), testA/ testB/ for silhouettes (100)")
@@ -138,16 +138,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     from trainer.shards import write_silhouette_shards, write_unpaired_shards
 
-    size = {"shard_size": args.shard_size} if args.shard_size is not None else {}  # else each kind's default
-    holdout = {"holdout": args.holdout} if args.holdout is not None else {}
+    holdout = {"holdout": args.holdout} if args.holdout is not None else {}  # else each kind's default
     if args.kind == "unpaired":
         if args.a is None or args.b is None:
             raise ConfigError("gannet shards unpaired needs both --a DIR and --b DIR (the two domains' image folders)")
-        counts = write_unpaired_shards(args.out, args.a, args.b, **size)
+        counts = write_unpaired_shards(args.out, args.a, args.b, shard_size=args.shard_size)
     elif args.kind == "silhouettes":
-        counts = write_silhouette_shards(args.out, seed=args.seed, **size, **holdout)
+        counts = write_silhouette_shards(args.out, shard_size=args.shard_size, seed=args.seed, **holdout)
     else:
-        counts = write_mnist_shards(args.out, images=args.images, labels=args.labels, seed=args.seed, **size, **holdout)
+        counts = write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size, seed=args.seed,
+                                    **holdout)
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 

@@ -178,7 +178,7 @@ def bundled_silhouettes() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(pixels, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
 
 
-def write_silhouette_shards(out: Path, *, shard_size: int = 100, holdout: int = 100, seed: int = 0) -> dict[str, int]:
+def write_silhouette_shards(out: Path, *, shard_size: int = 500, holdout: int = 100, seed: int = 0) -> dict[str, int]:
     """Horse (A) and zebra (B) silhouettes, 1,000 each: `holdout` of each go to OUT/testA/ and
     OUT/testB/ as PNG files (inputs for `gannet sample --input`), the rest to a-*.tar and b-*.tar."""
     pixels, labels = bundled_silhouettes()
