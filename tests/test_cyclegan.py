@@ -20,9 +20,12 @@ from models.recipes import get_recipe
 from models.recipes.cyclegan import ImagePool
 from tests.conftest import gannet, without_perf
 from tests.test_distributed import BIN, CPU_ENV, run
+from trainer.bench import cyclegan_step_bench
+from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.data import augment, open_stream, stream_urls
 from trainer.engine import free_port, make_engine
+from trainer.errors import ConfigError
 from trainer.shards import write_silhouette_shards
 from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
@@ -142,7 +145,7 @@ def test_one_iteration_updates_all_four_networks_and_the_g_step_leaves_d_untouch
     assert engine.data.position.state_dict()["b"]["consumed"] == [2]  # B read from its own stream
 
 
-def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(silhouettes, tmp_path):
+def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(silhouettes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     gannet("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir))
     final = run_dir / "checkpoints" / "step-00000006"
@@ -171,25 +174,27 @@ def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(sil
     assert "translated 100 image(s) AtoB" in result.stdout
     assert {p.name for p in out.iterdir()} == {p.name for p in (silhouettes["full"] / "testA").iterdir()}
     assert Image.open(next(out.iterdir())).size == (32, 32)
-    bad = gannet("sample", str(run_dir), "--direction", "AtoB", "--out", str(out), check=False)
-    assert bad.returncode == 2 and "--direction and --input go together" in bad.stderr
-    noise = gannet("sample", str(run_dir), "--out", str(tmp_path / "g.png"), check=False)
-    assert noise.returncode == 1 and "use `gannet sample RUN --direction AtoB" in noise.stderr
+    assert cli_main(["sample", str(run_dir), "--direction", "AtoB", "--out", str(out)]) == 2
+    assert "--direction and --input go together" in capsys.readouterr().err
+    assert cli_main(["sample", str(run_dir), "--out", str(tmp_path / "g.png")]) == 1  # a noise grid: not for CycleGAN
+    assert "use `gannet sample RUN --direction AtoB" in capsys.readouterr().err
 
 
-def test_unpaired_data_is_required_and_bad_folders_are_clear_errors(silhouettes, tmp_path):
-    no_b = gannet("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], tmp_path / "r", **{"data.shards_b": ""}), check=False)
-    assert no_b.returncode == 2 and "recipe cyclegan needs unpaired data" in no_b.stderr
+def test_unpaired_data_is_required_and_bad_folders_are_clear_errors(silhouettes, tmp_path, capsys):
+    cfg = load_config("cyclegan_silhouettes", tiny(silhouettes["small"], tmp_path / "r", **{"data.shards_b": ""}))
+    with pytest.raises(ConfigError, match="recipe cyclegan needs unpaired data"):
+        get_recipe("cyclegan")(cfg.recipe, cfg)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"not a png")
     empty = tmp_path / "b"
     empty.mkdir()
-    result = gannet("shards", "unpaired", "--a", str(tmp_path / "a"), "--b", str(empty), "--out", str(tmp_path / "o"), check=False)
-    assert result.returncode == 2 and "x.png is not a readable image" in result.stderr
+    shards = ["shards", "unpaired", "--a", str(tmp_path / "a"), "--b", str(empty), "--out", str(tmp_path / "o")]
+    assert cli_main(shards) == 2 and "x.png is not a readable image" in capsys.readouterr().err
     (tmp_path / "a" / "x.png").unlink()
     Image.new("RGB", (50, 40)).save(tmp_path / "a" / "y.jpg")
-    result = gannet("shards", "unpaired", "--a", str(tmp_path / "a"), "--b", str(empty), "--out", str(tmp_path / "o"), check=False)
-    assert result.returncode == 2 and "holds no images" in result.stderr
+    assert cli_main(shards) == 2 and "holds no images" in capsys.readouterr().err
+    assert cli_main(shards[:2] + ["--a", str(tmp_path / "a"), "--out", str(tmp_path / "o")]) == 2
+    assert "needs both --a DIR and --b DIR" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
@@ -208,13 +213,12 @@ def test_two_processes_train_to_the_end(silhouettes, tmp_path, strategy):
     assert not torch.equal(pools[0]["A"][0], pools[1]["A"][0])  # each rank keeps its own fakes
 
 
-def test_bench_times_the_step_beside_the_plain_reference_step_and_both_compute_the_same(silhouettes, tmp_path):
+def test_bench_times_the_step_beside_the_plain_reference_step_and_both_compute_the_same(silhouettes, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = gannet("bench", "cyclegan_silhouettes", *tiny(silhouettes["small"], tmp_path / "unused"), "--reference-step",
-                    "--steps", "2", "--out", str(out))
-    report = json.loads(out.read_text())
+    report = cyclegan_step_bench("cyclegan_silhouettes", tiny(silhouettes["small"], tmp_path / "unused"), steps=2, out=out)
     ours, theirs = report["first_step_losses"]["gannet"], report["first_step_losses"]["reference"]
     assert ours == pytest.approx(theirs, rel=1e-5)  # same weights, same batches: the same computation
     assert report["gannet_ms"] > 0 and report["reference_ms"] > 0 and report["ratio"] > 0
     assert report["params"]["G"] == 2 * count(ResnetGenerator(1, 8, 6))
-    assert "ratio gannet/reference" in result.stdout
+    assert json.loads(out.read_text())["ratio"] == report["ratio"]
+    assert "ratio gannet/reference" in capsys.readouterr().out

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     p.add_argument("--a", type=Path, help="unpaired: folder of domain A images, any size (e.g. trainA/)")
     p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
-    p.add_argument("--holdout", type=int, help="samples held out: val-*.tar for mnist (default 500), testA/ testB/ for silhouettes (100)")
+    p.add_argument("--holdout", type=int,
+                   help="samples held out: val-*.tar for mnist (default 500), testA/ testB/ for silhouettes (100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
 
     p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(

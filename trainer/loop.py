@@ -101,7 +101,8 @@ def train(cfg: Config) -> Path:
             recipe.load_state_dict(own["recipe"])
         else:
             log.warning("resuming on %d processes from a %d-process checkpoint: models and optimizers are restored "
-                        "exactly, the data stream, noise and recipe state (e.g. image pools) restart afresh", engine.world, shared["world"])
+                        "exactly, the data stream, noise and recipe state (e.g. image pools) restart afresh",
+                        engine.world, shared["world"])
             seed_everything(cfg.seed + 1000 * engine.rank + step)
         log.info("resumed %s at step %d", resume_from, step)
     engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
