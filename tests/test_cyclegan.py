@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from models.networks import PatchDiscriminator, ResnetGenerator
 from models.recipes import get_recipe
 from models.recipes.cyclegan import ImagePool
-from tests.conftest import gannet, without_perf
+from tests.conftest import without_perf
 from tests.test_distributed import BIN, CPU_ENV, run
 from trainer.bench import cyclegan_step_bench
 from trainer.cli import main as cli_main
@@ -31,6 +32,21 @@ from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
 
 count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Networks this small gain nothing from more threads, and on a shared CPU extra threads spin-wait
+    (a CycleGAN step here ran 20x slower with the default threads on an oversubscribed machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(*args: str) -> str:
+    """The real CLI in a fresh process, one thread per process as in the multi-process tests; stdout."""
+    return run([sys.executable, "-m", "trainer", *args], env=CPU_ENV).stdout
 
 
 def test_parameter_counts_match_the_reference_implementation():
@@ -93,9 +109,9 @@ def silhouettes(tmp_path_factory):
     full = tmp_path_factory.mktemp("silhouettes")
     write_silhouette_shards(full, shard_size=300, holdout=100)
     small = tmp_path_factory.mktemp("unpaired")
-    out = gannet("shards", "unpaired", "--a", str(full / "testA"), "--b", str(full / "testB"), "--out", str(small),
-                 "--shard-size", "25")
-    assert "4 a, 4 b shard(s)" in out.stdout
+    out = cli("shards", "unpaired", "--a", str(full / "testA"), "--b", str(full / "testB"), "--out", str(small),
+              "--shard-size", "25")
+    assert "4 a, 4 b shard(s)" in out
     return {"full": full, "small": small}
 
 
@@ -147,7 +163,7 @@ def test_one_iteration_updates_all_four_networks_and_the_g_step_leaves_d_untouch
 
 def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(silhouettes, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    gannet("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir))
+    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir))
     final = run_dir / "checkpoints" / "step-00000006"
     straight = {n: load_file(str(final / f"{n}.safetensors")) for n in ("G", "D")}
     straight_pools = load_state(final / "rank0")["recipe"]
@@ -157,7 +173,7 @@ def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(sil
     assert straight_rows[-1]["train/lr_g"] == 0.0  # linear decay to zero at the last step
 
     shutil.rmtree(final)  # back to step 3, then resume: pools, RNG, both streams and optimizers restored
-    gannet("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir), "resume=auto")
+    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir), "resume=auto")
     for name in ("G", "D"):
         resumed = load_file(str(final / f"{name}.safetensors"))
         assert all(torch.equal(resumed[k], straight[name][k]) for k in resumed), f"{name} differs after resume"
@@ -169,9 +185,8 @@ def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(sil
     assert grid.shape == (2 * 34 + 2, 2 * 98 + 2)  # 2 horse + 2 zebra triplets (real | translated | back), 32 px
 
     out = tmp_path / "zebras"
-    result = gannet("sample", str(run_dir), "--direction", "AtoB", "--input", str(silhouettes["full"] / "testA"),
-                    "--out", str(out))
-    assert "translated 100 image(s) AtoB" in result.stdout
+    result = cli("sample", str(run_dir), "--direction", "AtoB", "--input", str(silhouettes["full"] / "testA"), "--out", str(out))
+    assert "translated 100 image(s) AtoB" in result
     assert {p.name for p in out.iterdir()} == {p.name for p in (silhouettes["full"] / "testA").iterdir()}
     assert Image.open(next(out.iterdir())).size == (32, 32)
     assert cli_main(["sample", str(run_dir), "--direction", "AtoB", "--out", str(out)]) == 2
