@@ -191,7 +191,8 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out, stride in ((1, 2, 2), (2, 4, 2), (4, 8, 1)):
-            layers += [nn.Conv2d(width * c_in, width * c_out, 4, stride, 1), instance_norm(width * c_out), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(width * c_in, width * c_out, 4, stride, 1), instance_norm(width * c_out),
+                       nn.LeakyReLU(0.2, True)]
         layers += [nn.Conv2d(width * 8, 1, 4, 1, 1)]
         self.net = nn.Sequential(*layers)
         self.apply(cyclegan_init)

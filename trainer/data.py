@@ -52,7 +52,8 @@ def expand_urls(pattern: str) -> list[str]:
             matches = sorted(glob.glob(url)) if glob.has_magic(url) else ([url] if os.path.exists(url) else [])
             if not matches:
                 raise ConfigError(
-                    f"data.shards: no file matches '{url}' (write shards with `gannet shards mnist --out DIR`, "
+                    f"data.shards: no file matches '{url}' (write shards with "
+                    f"`gannet shards mnist|unpaired|silhouettes --out DIR`, "
                     f"or point data.shards at existing .tar files)"
                 )
             urls.extend(matches)
