@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["mnist", "unpaired", "silhouettes"], help=(
         "mnist: the 5,000 bundled real digits, or IDX files with --images/--labels; unpaired: two image folders "
         "--a and --b (a-*.tar, b-*.tar); silhouettes: bundled horse (a) and zebra (b) silhouettes, + testA/ testB/"))
-    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)")
     p.add_argument("--images", type=Path, help="MNIST IDX images file (e.g. train-images-idx3-ubyte.gz)")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
