@@ -8,7 +8,11 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gannet-installed
 MNIST := data/mnist/train-000000.tar
+SILHOUETTES := data/silhouettes/a-000000.tar
 CONFIG ?= lsgan_mnist
+# The shards a config trains on: MNIST unless the config is listed here.
+DATA_cyclegan_silhouettes := $(SILHOUETTES)
+DATA = $(or $(DATA_$(CONFIG)),$(MNIST))
 
 .PHONY: install train test shards clean
 
@@ -24,11 +28,15 @@ $(STAMP): pyproject.toml
 $(MNIST): | $(STAMP)
 	$(BIN)/gannet shards mnist --out data/mnist
 
+$(SILHOUETTES): | $(STAMP)
+	$(BIN)/gannet shards silhouettes --out data/silhouettes
+
 shards: $(MNIST)
 
 # Trains the default LSGAN on the bundled real MNIST digits; runs/lsgan_mnist/samples/*.png.
 # Running it again continues the same run (resume=auto) instead of starting over.
-train: $(STAMP) $(MNIST)
+# `make train CONFIG=cyclegan_silhouettes` writes the horse/zebra silhouette shards first.
+train: $(STAMP) $(DATA)
 	$(BIN)/gannet train $(CONFIG) resume=auto $(ARGS)
 
 test: $(STAMP)

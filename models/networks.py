@@ -121,3 +121,96 @@ def _dcgan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
 @register(DISCRIMINATORS, "dcgan")
 def _dcgan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
     return DCGANDiscriminator(model.d_width, data.channels, data.image_size, model.norm == "batch")
+
+
+# -- CycleGAN (Zhu et al. 2017) and its public PyTorch reference (junyanz/pytorch-CycleGAN-and-pix2pix) --
+
+
+def cyclegan_init(module: nn.Module) -> None:
+    """The reference's `init_weights(init_type='normal', gain=0.02)`: conv weights N(0, 0.02), biases 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def instance_norm(channels: int) -> nn.Module:
+    """Instance norm as the reference uses it: no affine parameters and no running statistics, so
+    train and eval mode normalise the same way and there are no buffers to sync across ranks. With
+    no affine shift the convolutions before it keep their biases (the reference's use_bias=True)."""
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class ResidualBlock(nn.Module):
+    """x + (reflect-pad, conv3, IN, ReLU, reflect-pad, conv3, IN)(x): the reference's ResnetBlock."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), instance_norm(channels), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), instance_norm(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """image -> image: c7s1-ngf, d(2ngf), d(4ngf), `blocks` x R(4ngf), u(2ngf), u(ngf), c7s1-C + Tanh.
+
+    Two stride-2 convs bring the side down by 4, the residual blocks work at that resolution, and
+    two fractionally-strided convs (output_padding=1, so the side exactly doubles) bring it back.
+    Reflection padding at the borders avoids the dark frames zero padding leaves in translations.
+    """
+
+    def __init__(self, channels: int, width: int = 64, blocks: int = 9):
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, width, 7), instance_norm(width), nn.ReLU(True)]
+        for mult in (1, 2):
+            layers += [nn.Conv2d(width * mult, width * mult * 2, 3, 2, 1), instance_norm(width * mult * 2), nn.ReLU(True)]
+        layers += [ResidualBlock(width * 4) for _ in range(blocks)]
+        for mult in (4, 2):
+            layers += [nn.ConvTranspose2d(width * mult, width * mult // 2, 3, 2, 1, output_padding=1),
+                       instance_norm(width * mult // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, channels, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(cyclegan_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """image -> a map of real/fake scores, one per 70x70 patch (the reference's NLayerDiscriminator, n_layers=3).
+
+    Three 4x4 stride-2 convs (ndf, 2ndf, 4ndf), one 4x4 stride-1 conv (8ndf) and a 4x4 stride-1 conv
+    to one channel; LeakyReLU 0.2; instance norm on all but the first layer. Each output sees a
+    70x70 receptive field, so D judges local texture (stripes) and works at any image size.
+    """
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out, stride in ((1, 2, 2), (2, 4, 2), (4, 8, 1)):
+            layers += [nn.Conv2d(width * c_in, width * c_out, 4, stride, 1), instance_norm(width * c_out),
+                       nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(width * 8, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.apply(cyclegan_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def resnet_blocks(image_size: int) -> int:
+    """The paper's choice: 6 residual blocks for 128 px (and smaller) images, 9 for 256 px and up."""
+    return 9 if image_size >= 256 else 6
+
+
+@register(GENERATORS, "resnet")
+def _resnet_g(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return ResnetGenerator(data.channels, model.g_width, resnet_blocks(data.image_size))
+
+
+@register(DISCRIMINATORS, "patchgan")
+def _patch_d(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return PatchDiscriminator(data.channels, model.d_width)

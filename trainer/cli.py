@@ -49,21 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write WebDataset tar shards (image + cls + txt captions) for training.", epilog="""kinds:
   mnist                      the 5,000 bundled real digits (or IDX files: --images/--labels), with captions
                              measured from each digit (class, stroke thickness, slant, width)
+  silhouettes                bundled horse (a-*.tar) and zebra (b-*.tar) silhouettes, + testA/ testB/ PNGs
+  unpaired --a DIR --b DIR   two image folders of any size (e.g. trainA/ trainB/) -> a-*.tar, b-*.tar
   captions FOLDER            images with a caption file beside each (cat.jpg + cat.txt, one caption per line)
   cub ROOT                   CUB-200-2011 with Reed et al.'s captions: ROOT/images/CLASS/*.jpg + ROOT/text/CLASS/*.txt
   coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder""")
-    p.add_argument("kind", choices=["mnist", "captions", "cub", "coco"])
+    p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco"])
     p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub) or captions JSON (coco)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)")
     p.add_argument("--images", type=Path, help="mnist: IDX images file (e.g. train-images-idx3-ubyte.gz); coco: the image folder")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--holdout", type=int, help="samples held out as val-*.tar (default: 500 for mnist, 0 otherwise)")
+    p.add_argument("--a", type=Path, help="unpaired: folder of domain A images, any size (e.g. trainA/)")
+    p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
+    p.add_argument("--holdout", type=int, help=("samples held out: val-*.tar for mnist (default 500), captions/cub/coco "
+                                               "(default 0); testA/ testB/ for silhouettes (default 100)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
 
-    p = sub.add_parser("sample", help="draw a sample grid from a run", description="Draw samples from RUN_DIR's latest checkpoint into a PNG grid.")
+    p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
+        "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
+        "in --input into the folder --out (--direction AtoB or BtoA)."))
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG path")
+    p.add_argument("--out", type=Path, required=True, help="PNG path (a folder with --direction)")
+    p.add_argument("--direction", choices=["AtoB", "BtoA"], help="translate --input with this generator (CycleGAN)")
+    p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, help="class to draw (class-conditional runs, recipe cgan)")
@@ -92,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
                    choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
+    p.add_argument("--reference-step", action="store_true", help=(
+        "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
+        "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
     return parser
 
 
@@ -140,9 +152,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_shards(args: argparse.Namespace) -> int:
     from trainer import shards
 
-    if args.kind == "mnist":
+    holdout = {"holdout": args.holdout} if args.holdout is not None else {}  # else each kind's default
+    if args.kind == "unpaired":
+        if args.a is None or args.b is None:
+            raise ConfigError("gannet shards unpaired needs both --a DIR and --b DIR (the two domains' image folders)")
+        counts = shards.write_unpaired_shards(args.out, args.a, args.b, shard_size=args.shard_size)
+    elif args.kind == "silhouettes":
+        counts = shards.write_silhouette_shards(args.out, shard_size=args.shard_size, seed=args.seed, **holdout)
+    elif args.kind == "mnist":
         counts = shards.write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
-                                           holdout=500 if args.holdout is None else args.holdout, seed=args.seed)
+                                           seed=args.seed, **holdout)
     else:
         if args.source is None:
             raise ConfigError(f"gannet shards {args.kind} needs its source: the folder, or the COCO captions JSON")
@@ -150,14 +169,20 @@ def cmd_shards(args: argparse.Namespace) -> int:
             raise ConfigError("gannet shards coco needs --images DIR (the folder the JSON's file_name entries are in)")
         items = {"captions": lambda: shards.caption_pairs(args.source), "cub": lambda: shards.cub_captions(args.source),
                  "coco": lambda: shards.coco_captions(args.source, args.images)}[args.kind]()
-        counts = shards.write_caption_shards(args.out, items, shard_size=args.shard_size, holdout=args.holdout or 0, seed=args.seed)
+        counts = shards.write_caption_shards(args.out, items, shard_size=args.shard_size, seed=args.seed, **holdout)
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from trainer.sampling import sample_grid
+    from trainer.sampling import sample_grid, translate_folder
 
+    if (args.direction is None) != (args.input is None):
+        raise ConfigError("--direction and --input go together: gannet sample RUN --direction AtoB --input DIR --out DIR")
+    if args.direction:
+        written = translate_folder(args.run_dir, args.direction, args.input, args.out)
+        print(f"translated {len(written)} image(s) {args.direction} into {args.out}")
+        return 0
     print(sample_grid(args.run_dir, args.out, n=args.n, seed=args.seed, label=args.label, texts=args.text,
                       interpolate=args.interpolate))
     return 0
@@ -190,6 +215,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if args.reference_step:
+        from trainer.bench import cyclegan_step_bench
+
+        cyclegan_step_bench(args.config, args.overrides, steps=args.steps, out=args.out)
+        return 0
     run_bench(args.config, args.overrides, processes=args.processes, world=args.world, steps=args.steps,
               strategies=args.strategies, out=args.out)
     return 0

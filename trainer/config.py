@@ -31,6 +31,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_errors: int = 100  # corrupt samples/shards skipped before the run stops
     text_encoder: str = ""  # captions -> `text_emb`: minilm (bundled all-MiniLM-L6-v2), a HF model folder, hashed; "" = no text
+    shards_b: str = ""  # a second, independently shuffled stream (domain B of unpaired translation, e.g. CycleGAN)
+    load_size: int = 0  # resize to this side, then random-crop image_size (CycleGAN's 286 -> 256); 0 = resize only
+    flip: bool = False  # random horizontal flips
 
 
 @dataclass
@@ -320,6 +323,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
         if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:
             raise ConfigError(f"optim.{net}.decay_from={opt.decay_from} must be in [0, train.steps={cfg.train.steps})")
+    if cfg.data.load_size and cfg.data.load_size < cfg.data.image_size:
+        raise ConfigError(f"data.load_size={cfg.data.load_size} must be 0 (off) or >= data.image_size={cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} is not allowed (choose one of: 1, 3)")
     checker = getattr(cfg.recipe, "validate", None)

@@ -56,7 +56,8 @@ def expand_urls(pattern: str) -> list[str]:
             matches = sorted(glob.glob(url)) if glob.has_magic(url) else ([url] if os.path.exists(url) else [])
             if not matches:
                 raise ConfigError(
-                    f"data.shards: no file matches '{url}' (write shards with `gannet shards mnist --out DIR`, "
+                    f"data.shards: no file matches '{url}' (write shards with "
+                    f"`gannet shards mnist|unpaired|silhouettes --out DIR`, "
                     f"or point data.shards at existing .tar files)"
                 )
             urls.extend(matches)
@@ -178,11 +179,11 @@ class ShardStream(IterableDataset):
                     counters.skipping = consumed < skip
                     continue
                 try:
-                    item = decode_image_sample(sample, self.cfg.image_size, self.cfg.channels)
+                    item = decode_image_sample(sample, self.cfg.load_size or self.cfg.image_size, self.cfg.channels)
                     if encoder is not None:
                         draw = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/{consumed}")
                         captions.append(draw.choice(sample_captions(sample)))
-                    batch.append(item)
+                    batch.append(augment(item, self.cfg, (self.seed, epoch, self.rank, worker, consumed)))
                     decoded += 1
                 except Exception as exn:  # a corrupt sample costs one sample, not the run
                     on_error(exn)
@@ -249,3 +250,89 @@ class DataStream:
                 f"{self.cfg.max_errors}; check the shards (the log names each one) or raise the budget"
             )
         return batch
+
+
+def augment(sample: dict[str, torch.Tensor], cfg: DataConfig, key: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Random crop from `data.load_size` to `data.image_size` and random horizontal flip (CycleGAN's
+    training augmentation), drawn from a generator seeded by the sample's place in the stream
+    (seed, epoch, rank, worker, index), not a global RNG: a resumed run crops and flips the same
+    samples the same way, whichever worker process decodes them."""
+    if not cfg.load_size and not cfg.flip:
+        return sample
+    rng = np.random.default_rng([k % 2**32 for k in key])
+    image = sample["image"]
+    if cfg.load_size:
+        top, left = rng.integers(0, cfg.load_size - cfg.image_size + 1, size=2)
+        image = image[:, top : top + cfg.image_size, left : left + cfg.image_size]
+    if cfg.flip and rng.random() < 0.5:
+        image = image.flip(-1)
+    return {**sample, "image": image.contiguous()}
+
+
+@dataclass
+class UnpairedPosition:
+    """Positions of the two streams of unpaired data (domain A and domain B)."""
+
+    a: StreamPosition
+    b: StreamPosition
+
+    @property
+    def errors(self) -> int:
+        return self.a.errors + self.b.errors
+
+    def state_dict(self) -> dict:
+        return {"a": self.a.state_dict(), "b": self.b.state_dict()}
+
+
+class UnpairedStream:
+    """Domain A (`data.shards`) and domain B (`data.shards_b`) as two independent streams, each
+    with its own shard permutation, shuffle buffer and augmentation seeds, so which B image meets
+    which A image is random and changes every epoch. Batches: {"image": A, "label": A's, "image_b": B}."""
+
+    def __init__(self, a: DataStream, b: DataStream):
+        self.a, self.b = a, b
+        self.position = UnpairedPosition(a.position, b.position)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self.a)
+        return {**batch, "image_b": next(self.b)["image"]}
+
+
+B_SEED_OFFSET = 7_777_777  # stream B's seed: apart from A's, so the two are shuffled independently
+
+
+def stream_urls(cfg: DataConfig) -> list[list[str]]:
+    """Shard URLs of each stream: [A], or [A, B] when `data.shards_b` is set. Called before any
+    process group exists, so a wrong path fails at once."""
+    return [expand_urls(pattern) for pattern in (cfg.shards, cfg.shards_b) if pattern]
+
+
+def open_stream(urls: list[list[str]], cfg: DataConfig, *, rank: int, world: int, seed: int,
+                state: dict | None = None) -> DataStream | UnpairedStream:
+    """The training stream (one, or two for unpaired data), at a saved position if given."""
+    if len(urls) == 1:
+        return DataStream(urls[0], cfg, rank=rank, world=world, seed=seed,
+                          position=StreamPosition.from_state(state) if state else None)
+    a, b = (DataStream(u, cfg, rank=rank, world=world, seed=seed + offset,
+                       position=StreamPosition.from_state(state[part]) if state else None)
+            for u, offset, part in ((urls[0], 0, "a"), (urls[1], B_SEED_OFFSET, "b")))
+    return UnpairedStream(a, b)
+
+
+def example_images(urls: list[list[str]], cfg: DataConfig, n: int) -> dict[str, torch.Tensor]:
+    """The first `n` readable images of each stream, in shard order, resized to `data.image_size`
+    without augmentation: the same real inputs for every sample grid of a run (keys as in a batch)."""
+    out = {}
+    for key, paths in zip(("image", "image_b"), urls):
+        images: list[torch.Tensor] = []
+        for sample in wds.tarfile_samples(({"url": url} for url in paths), handler=wds.warn_and_continue):
+            try:
+                images.append(decode_image_sample(sample, cfg.image_size, cfg.channels)["image"])
+            except Exception as exn:  # an unreadable sample is skipped here as in training
+                log.warning("skipped an unreadable example image: %s", exn)
+            if len(images) == n:
+                break
+        if not images:
+            raise DataError(f"no readable image in {paths[:3]}...")
+        out[key] = torch.stack(images)
+    return out

@@ -22,7 +22,7 @@ import yaml
 from models.recipes import get_recipe
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import Config, OptimConfig, config_to_dict
-from trainer.data import DataStream, StreamPosition, expand_urls
+from trainer.data import example_images, open_stream, stream_urls
 from trainer.engine import Engine, make_engine
 from trainer.errors import ConfigError
 from trainer.evaluate import Evaluator
@@ -49,7 +49,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config) -> Path:
     """Train `cfg` to `cfg.train.steps` generator steps, resuming its run directory if asked."""
     run_dir = cfg.run_path
-    shard_urls = expand_urls(cfg.data.shards)  # a wrong path fails here, before any process group
+    shard_urls = stream_urls(cfg.data)  # a wrong path fails here, before any process group
     engine = make_engine(cfg)
 
     # 1. The run directory: refuse to overwrite a run by accident; find the resume point.
@@ -83,27 +83,29 @@ def train(cfg: Config) -> Path:
         for name, opt in optimizers.items()
     }
     engine.prepare(nets, optimizers)
-    fixed_inputs = recipe.fixed_inputs(cfg.train.num_samples, torch.Generator().manual_seed(cfg.seed))
+    fixed_inputs = recipe.fixed_inputs(cfg.train.num_samples, torch.Generator().manual_seed(cfg.seed),
+                                       examples=lambda n: example_images(shard_urls, cfg.data, n))
 
     # 3. Randomness differs per rank (each draws its own noise); then restore everything saved.
     seed_everything(cfg.seed + 1000 * engine.rank)
-    step, position = 0, None
+    step, data_state = 0, None
     if resume_from is not None:
         weights, shared, own = load_checkpoint(resume_from, engine.rank)
         engine.load_state(resume_from, shared["engine"], weights)
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(shared["schedulers"][name])
-        recipe.load_state_dict(shared["recipe"])
         step = shared["step"]
         if own is not None and shared["world"] == engine.world:
             set_rng_state(own["rng"])
-            position = StreamPosition.from_state(own["data"])
+            data_state = own["data"]
+            recipe.load_state_dict(own["recipe"])
         else:
             log.warning("resuming on %d processes from a %d-process checkpoint: models and optimizers are restored "
-                        "exactly, the data stream and noise restart from fresh seeds", engine.world, shared["world"])
+                        "exactly, the data stream, noise and recipe state (e.g. image pools) restart afresh",
+                        engine.world, shared["world"])
             seed_everything(cfg.seed + 1000 * engine.rank + step)
         log.info("resumed %s at step %d", resume_from, step)
-    engine.data = DataStream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, position=position)
+    engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
     tracker = Tracker(run_dir, cfg, enabled=engine.is_main, start_step=step)
     evaluator = Evaluator(cfg) if cfg.eval.every and engine.is_main else None  # real-data features, once
     if step >= cfg.train.steps:
@@ -153,10 +155,10 @@ def train(cfg: Config) -> Path:
                 weights=engine.full_weights(), write_files=engine.save_files,
                 shared={
                     "step": step, "world": engine.world, "networks": list(engine.nets),
-                    "engine": engine.state_dict(), "recipe": recipe.state_dict(),
+                    "engine": engine.state_dict(),
                     "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
                 },
-                per_rank={"rng": rng_state(), "data": engine.data.position.state_dict()},
+                per_rank={"rng": rng_state(), "data": engine.data.position.state_dict(), "recipe": recipe.state_dict()},
             )
 
     # 5. Done: flush the dashboard, leave the process group cleanly.

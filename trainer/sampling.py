@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -14,7 +15,9 @@ from models.recipes import get_recipe
 from trainer.checkpoint import list_checkpoints
 from trainer.config import Config, config_from_dict
 from trainer.errors import GannetError
-from trainer.images import save_grid
+from trainer.data import decode_image_sample
+from trainer.images import grid_array, save_grid
+from trainer.shards import image_fields, image_files
 
 
 def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Any, dict[int, Path]]:
@@ -72,3 +75,24 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
     with torch.no_grad():
         images = recipe.generate(nets, inputs)
     return save_grid(images, out, nrow=nrow)
+
+
+def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Path, *, batch_size: int = 16) -> list[Path]:
+    """Translate every image in INPUT_DIR with RUN_DIR's latest generator for `direction` (AtoB or
+    BtoA): each is resized to the run's image size, as in training, and written as OUT_DIR/NAME.png."""
+    cfg, recipe, kept = open_run(run_dir)
+    if not hasattr(recipe, "translate"):
+        raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
+    files = image_files(input_dir)
+    images = torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]
+                          for path in files])
+    nets = load_networks(recipe, kept[max(kept)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.no_grad():
+        for start in range(0, len(files), batch_size):
+            fakes = recipe.translate(nets, images[start : start + batch_size], direction)
+            for path, fake in zip(files[start : start + batch_size], fakes):
+                written.append(out_dir / f"{path.stem}.png")
+                Image.fromarray(grid_array(fake[None], nrow=1, pad=0)).save(written[-1])
+    return written

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import logging
 import os
 import shutil
 import struct
@@ -25,8 +24,7 @@ from PIL import Image
 from trainer.captions import caption_digit
 from trainer.errors import ConfigError
 
-log = logging.getLogger("gannet")
-IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -80,11 +78,14 @@ def write_split(samples: Iterable[tuple[str, dict[str, bytes]]], out: Path, spli
         return sink.shard  # shards opened so far
 
 
-def labelled_images(pixels: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """MNIST samples: the digit, its class, and captions measured from its pixels (trainer.captions)."""
+def labelled_images(pixels: np.ndarray, labels: np.ndarray, index: np.ndarray,
+                    caption: Callable[[np.ndarray, int], str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of an in-memory image set: PNG, class, and captions if a `caption` function is given."""
     for i in index:
-        yield f"{int(i):07d}", {"png": png_bytes(pixels[i]), "cls": str(int(labels[i])).encode(),
-                                "txt": caption_digit(pixels[i], int(labels[i])).encode()}
+        fields = {"png": png_bytes(pixels[i]), "cls": str(int(labels[i])).encode()}
+        if caption is not None:
+            fields["txt"] = caption(pixels[i], int(labels[i])).encode()
+        yield f"{int(i):07d}", fields
 
 
 def write_mnist_shards(out: Path, *, images: Path | None = None, labels: Path | None = None,
@@ -99,7 +100,7 @@ def write_mnist_shards(out: Path, *, images: Path | None = None, labels: Path | 
     splits = {"val": order[:holdout], "train": order[holdout:]}
 
     def write_all(tmp: Path) -> dict[str, int]:
-        return {name: write_split(labelled_images(pixels, targets, idx), tmp, name, shard_size)
+        return {name: write_split(labelled_images(pixels, targets, idx, caption_digit), tmp, name, shard_size)
                 for name, idx in splits.items() if len(idx)}
 
     return publish(out, write_all)
@@ -125,6 +126,74 @@ def publish(out: Path, write_all: Callable[[Path], dict[str, int]]) -> dict[str,
     return counts
 
 
+def image_fields(path: Path) -> dict[str, bytes]:
+    """One image file as a sample's fields, {ext: its own bytes} (no re-encoding; training resizes).
+    An unreadable file is a clear error now rather than a skipped sample later."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+    return {path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): path.read_bytes()}
+
+
+def folder_images(folder: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every image in FOLDER (any size), keyed by its index: file names may hold dots, which
+    WebDataset would read as field separators."""
+    for i, path in enumerate(image_files(folder)):
+        yield f"{i:07d}", image_fields(path)
+
+
+def write_unpaired_shards(out: Path, a: Path, b: Path, *, shard_size: int = 500) -> dict[str, int]:
+    """Two image folders (e.g. the public trainA/ and trainB/) -> OUT/a-*.tar and OUT/b-*.tar, the two
+    domains of unpaired translation (`data.shards` and `data.shards_b`)."""
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size {shard_size} must be >= 1")
+    return publish(out, lambda tmp: {name: write_split(folder_images(folder), tmp, name, shard_size)
+                                     for name, folder in (("a", a), ("b", b))})
+
+
+SILHOUETTE_CLASSES = {"horse": 7, "zebra": 9}  # animal-shape-mnist's labels (alphabetical order)
+
+
+def bundled_silhouettes() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 real 28x28 animal silhouettes that PyPI's animal-shape-mnist ships: uint8 (N, 28, 28),
+    labels. Its own loader imports TensorFlow, so the package's two gzip pickles are read directly
+    (the package has no __init__.py: its folder comes from the import spec)."""
+    import importlib.util
+    import pickle
+
+    spec = importlib.util.find_spec("animal_shape_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the animal-shape-mnist package is not installed (pip install animal-shape-mnist)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "Animal Shape"
+    with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
+        pixels = pickle.load(f)  # noqa: S301 (the installed package's own data file)
+    with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
+        labels = pickle.load(f)  # noqa: S301
+    return np.asarray(pixels, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+
+
+def write_silhouette_shards(out: Path, *, shard_size: int = 500, holdout: int = 100, seed: int = 0) -> dict[str, int]:
+    """Horse (A) and zebra (B) silhouettes, 1,000 each: `holdout` of each go to OUT/testA/ and
+    OUT/testB/ as PNG files (inputs for `gannet sample --input`), the rest to a-*.tar and b-*.tar."""
+    pixels, labels = bundled_silhouettes()
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for domain, label in zip("ab", SILHOUETTE_CLASSES.values()):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        if not 0 <= holdout < len(index):
+            raise ConfigError(f"--holdout {holdout} must be in [0, {len(index)})")
+        test = out / f"test{domain.upper()}"
+        shutil.rmtree(test, ignore_errors=True)
+        test.mkdir(parents=True)
+        for i in index[:holdout]:
+            Image.fromarray(pixels[i]).save(test / f"{int(i):05d}.png")
+        splits[domain] = index[holdout:]
+    return publish(out, lambda tmp: {domain: write_split(labelled_images(pixels, labels, idx), tmp, domain, shard_size)
+                                     for domain, idx in splits.items()})
+
+
 # ---------------------------------------------------------------------------------------------
 # Image + caption datasets: a folder of pairs, CUB-200-2011 (Reed et al.'s text layout), COCO.
 
@@ -135,8 +204,7 @@ def write_caption_shards(out: Path, items: list[CaptionedImage], *, shard_size: 
                          seed: int = 0) -> dict[str, int]:
     """Shuffle (image, captions, class) items, hold out `holdout` as val-*.tar, write the rest as train-*.tar.
 
-    Image files are stored byte for byte (a JPEG stays a JPEG); each is opened once first, so a
-    corrupt or unsupported file is a clear error here rather than a skipped sample in training.
+    Image files are stored byte for byte (a JPEG stays a JPEG); see `image_fields`.
     """
     if not items:
         raise ConfigError("no captioned images found")
@@ -145,18 +213,13 @@ def write_caption_shards(out: Path, items: list[CaptionedImage], *, shard_size: 
     for path, captions, _ in items:
         if not captions:
             raise ConfigError(f"{path}: no caption (an empty caption file?)")
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as exc:
-            raise ConfigError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
     order = np.random.default_rng(seed).permutation(len(items))
     splits = {"val": order[:holdout], "train": order[holdout:]}
 
     def samples(index: np.ndarray) -> Iterator[tuple[str, dict[str, bytes]]]:
         for i in index:
             path, captions, label = items[i]
-            fields = {IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes(), "txt": "\n".join(captions).encode()}
+            fields = {**image_fields(path), "txt": "\n".join(captions).encode()}
             if label >= 0:
                 fields["cls"] = str(label).encode()
             yield f"{int(i):07d}", fields
@@ -169,16 +232,22 @@ def read_captions(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def image_files(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise ConfigError(f"image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files in FOLDER (and its subfolders if `recursive`), sorted by path; a missing or
+    empty folder is a clear error."""
+    if not folder.is_dir():
+        raise ConfigError(f"image folder not found: {folder}")
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def caption_pairs(folder: Path) -> list[CaptionedImage]:
     """A folder (searched recursively) where each image has a caption file beside it: cat.jpg + cat.txt."""
     items = []
-    for image in image_files(folder):
+    for image in image_files(folder, recursive=True):
         text = image.with_suffix(".txt")
         if not text.is_file():
             raise ConfigError(f"{image} has no caption file {text.name} beside it")
@@ -197,7 +266,7 @@ def cub_captions(root: Path) -> list[CaptionedImage]:
         raise ConfigError(f"{root} is not a CUB-style folder: expected images/CLASS/*.jpg and text/CLASS/*.txt")
     classes = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
     items = []
-    for image in image_files(root / "images"):
+    for image in image_files(root / "images", recursive=True):
         rel = image.relative_to(root / "images")
         text = (text_root / rel).with_suffix(".txt")
         if not text.is_file():

@@ -12,7 +12,7 @@ import importlib
 from trainer.errors import ConfigError
 
 RECIPES: dict[str, type] = {}
-_MODULES = ("models.recipes.gan", "models.recipes.lsgan", "models.recipes.cgan", "models.recipes.t2i")
+_MODULES = ("models.recipes.gan", "models.recipes.lsgan", "models.recipes.cgan", "models.recipes.t2i", "models.recipes.cyclegan")
 
 
 def register(cls: type) -> type:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, Protocol
+from typing import Callable, ClassVar, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -115,15 +115,19 @@ class AdversarialRecipe:
                 step.update("G", loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **d_stats, **g_stats}
 
-    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The inputs behind every sample grid of a run: drawn once from the run's seed."""
+    def fixed_inputs(self, n: int, generator: torch.Generator,
+                     examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """The inputs behind every sample grid of a run: drawn once from the run's seed. `examples(n)`
+        reads n real images of the run's data (keys as in a batch), for recipes whose inputs are
+        images; the loop passes it, noise-driven recipes never call it."""
         return {"z": torch.randn(n, self.cfg.model.z_dim, generator=generator)}
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return nets["G"](inputs["z"], *self.conditions(inputs))
 
     def state_dict(self) -> dict:
-        """Recipe state beyond the networks (none here; CycleGAN's image pools, say)."""
+        """This rank's recipe state beyond the networks (none here; CycleGAN's image pools, say).
+        Checkpoints keep it per rank: each rank's pools hold its own past fakes."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class TextToImageGAN(GAN):
             self._prompts = first_captions(expand_urls(pattern), self.PROMPT_POOL)
         return self._prompts
 
-    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def fixed_inputs(self, n: int, generator: torch.Generator, examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """Noise plus prompts drawn from the prompt pool; `label` is the prompt's class (-1 if none),
         and `prompt` its index, for scoring and captioning the outputs."""
         index = torch.randint(len(self.prompts), (n,), generator=generator)
