@@ -2,8 +2,17 @@
 
 metrics.jsonl is the record gannet itself trusts; W&B mirrors it. W&B runs offline by default
 (`wandb sync RUN/wandb/offline-run-*` uploads later) and keeps one run id per run directory, so a
-resumed job continues the same W&B run. Any W&B failure is logged once and W&B is switched off:
-a dashboard never stops or stalls training.
+resumed or requeued job continues the same W&B run.
+
+Two rules keep the dashboard honest and harmless:
+
+- W&B receives a step's rows only once a checkpoint covers that step (`checkpointed`). A job
+  killed between checkpoints resumes from the last one and logs the steps after it again; rows
+  sent earlier would then appear twice (W&B offline files cannot be truncated as metrics.jsonl
+  is). So the dashboard trails training by at most `train.checkpoint_every` steps, and the combined
+  history of all of a run's attempts holds each step exactly once.
+- W&B lives in a background thread (init, log, finish), so a slow or unreachable server never
+  stalls the loop; any W&B error is logged once and switches W&B off: training never fails for it.
 """
 
 from __future__ import annotations
@@ -11,21 +20,40 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from trainer.config import Config, config_to_dict
 
 log = logging.getLogger("gannet")
 
+GROUPS = ("train", "eval", "perf", "data", "samples")  # metric key prefixes, each plotted against `step`
+FINISH_TIMEOUT_S = 60.0  # longest the end of training waits for W&B (an unreachable server, say)
+
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every record of RUN/metrics.jsonl, in order (training and eval records share the file)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Media:
+    """A W&B media value, built in the W&B thread: `image` (a path, PIL image or array), `histogram`
+    (an array) or `table` (columns, rows whose cells may be images)."""
+
+    kind: str
+    value: Any
+    columns: tuple[str, ...] = ()
 
 
 class Tracker:
@@ -35,7 +63,8 @@ class Tracker:
         self.enabled = enabled
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb: WandbWriter | None = None
+        self.pending: dict[int, dict[str, Any]] = {}  # W&B rows by step, not yet covered by a checkpoint
         self.bar = None
         if not enabled:
             return
@@ -44,7 +73,7 @@ class Tracker:
         if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
-            self._start_wandb(cfg)
+            self.wandb = WandbWriter(run_dir, cfg)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop records a killed run wrote after its last checkpoint: one history, no repeats."""
@@ -55,36 +84,18 @@ class Tracker:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in keep))
         os.replace(tmp, self.jsonl)
 
-    def _start_wandb(self, cfg: Config) -> None:
-        id_file = self.run_dir / "wandb_id.txt"
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
-        try:
-            import wandb
+    def _stage(self, step: int, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.pending.setdefault(step, {}).update(values)
 
-            self.wandb = wandb.init(
-                project=cfg.log.wandb_project, name=cfg.name, id=id_file.read_text().strip(), resume="allow",
-                dir=str(self.run_dir), mode=cfg.log.wandb, config=config_to_dict(cfg),
-                settings=wandb.Settings(console="off", silent=True),
-            )
-        except Exception as exc:  # no network, bad key, broken install: train without the dashboard
-            log.warning("W&B disabled for this run: %s", exc)
-
-    def _wandb_call(self, fn: str, *args: Any, **kwargs: Any) -> None:
-        if self.wandb is None:
-            return
-        try:
-            getattr(self.wandb, fn)(*args, **kwargs)
-        except Exception as exc:
-            log.warning("W&B disabled after an error: %s", exc)
-            self.wandb = None
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], histograms: dict[str, Any] | None = None) -> None:
+        """Scalars to metrics.jsonl and W&B; `histograms` (arrays or tensors of values) to W&B only."""
         if not self.enabled:
             return
         with self.jsonl.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._wandb_call("log", metrics, step=step)
+        self._stage(step, metrics)
+        self._stage(step, {k: Media("histogram", np.asarray(v, dtype=np.float32)) for k, v in (histograms or {}).items()})
         short = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("train/") and not k.startswith("train/lr")}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in short.items()}, refresh=False)
@@ -96,13 +107,122 @@ class Tracker:
             self.bar.update(steps)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
-        if not self.enabled or self.wandb is None:
-            return
-        import wandb
+        if self.enabled:
+            self._stage(step, {key: Media("image", str(path))})
 
-        self._wandb_call("log", {key: wandb.Image(str(path))}, step=step)
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A W&B table (e.g. text-to-image prompts beside their samples). Cells are numbers, strings,
+        or images: a PIL image, an HxW / HxWxC uint8 array, or a Path to an image file."""
+        if self.enabled:
+            self._stage(step, {key: Media("table", [list(row) for row in rows], tuple(columns))})
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of `step` is complete: its rows and every earlier one may go to W&B."""
+        if self.wandb is None:
+            return
+        for s in sorted(s for s in self.pending if s <= step):
+            self.wandb.send(s, self.pending.pop(s))
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self._wandb_call("finish")
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+class WandbWriter:
+    """One W&B run, driven from a background thread: `send` only queues, so the loop never waits."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.run_dir = run_dir
+        self.mode = cfg.log.wandb
+        id_file = run_dir / "wandb_id.txt"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        self.init_kwargs = dict(
+            project=cfg.log.wandb_project, name=cfg.name, id=id_file.read_text().strip(), resume="allow",
+            dir=str(run_dir), mode=cfg.log.wandb, config=config_to_dict(cfg),
+        )
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="gannet-wandb", daemon=True)
+        self.thread.start()
+
+    def send(self, step: int, row: dict[str, Any]) -> None:
+        self.queue.put((step, row))
+
+    def close(self, timeout: float = FINISH_TIMEOUT_S) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("W&B did not finish within %.0f s; training is done and does not wait for it", timeout)
+        elif self.mode == "offline":
+            log.info("W&B run saved offline; upload it with: wandb sync %s", self.run_dir / "wandb" / "offline-run-*")
+
+    def _run(self) -> None:
+        # The W&B service process inherits this thread's signal mask. Slurm signals a whole job
+        # (SIGTERM on preemption, USR2 before the time limit); blocked, they cannot kill the
+        # service before the rows of the final checkpoint are written.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2, signal.SIGINT})
+        run = self._start()
+        while (item := self.queue.get()) is not None:
+            if run is None:
+                continue
+            step, row = item
+            try:
+                import wandb
+
+                run.log({"step": step, **{k: _to_wandb(v, wandb) for k, v in row.items()}}, step=step)
+            except Exception as exc:
+                log.warning("W&B disabled after an error: %s", exc)
+                run = None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as exc:
+                log.warning("W&B finish failed: %s", exc)
+
+    def _start(self) -> Any:
+        try:
+            import wandb
+
+            config = {**self.init_kwargs.pop("config"), "git": git_state(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            run = wandb.init(**self.init_kwargs, config=config, settings=wandb.Settings(console="off", silent=True, init_timeout=30))
+            run.define_metric("step")
+            for group in GROUPS:
+                run.define_metric(f"{group}/*", step_metric="step")
+            return run
+        except Exception as exc:  # no network, bad key, broken install: train without the dashboard
+            log.warning("W&B disabled for this run: %s", exc)
+            return None
+
+
+def _to_wandb(value: Any, wandb: Any) -> Any:
+    if not isinstance(value, Media):
+        return value
+    if value.kind == "histogram":
+        return wandb.Histogram(value.value)
+    if value.kind == "table":
+        return wandb.Table(columns=list(value.columns), data=[[_cell(c, wandb) for c in row] for row in value.value])
+    return wandb.Image(value.value)
+
+
+def _cell(value: Any, wandb: Any) -> Any:
+    if isinstance(value, Path) or isinstance(value, np.ndarray) or type(value).__module__.startswith("PIL."):
+        return wandb.Image(str(value) if isinstance(value, Path) else value)
+    return value
+
+
+def git_state() -> dict[str, Any]:
+    """The code's git commit and whether it had uncommitted changes (None outside a git checkout)."""
+    code = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(code), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}

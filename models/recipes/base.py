@@ -81,6 +81,9 @@ class AdversarialRecipe:
         return out.mean()
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
+        """One generator step (after k D-steps). Returns what the dashboards show, by convention for
+        every recipe: scalar tensors are averaged over ranks and logged as `train/<key>`; tensors with
+        a batch dimension (here D's raw outputs) are rank 0's values, shown as W&B histograms."""
         G, D, z_dim = step.nets["G"], step.nets["D"], self.cfg.model.z_dim
         for _ in range(self.params.d_steps):
             for _ in range(step.accumulation):  # micro-batches; the engine steps on the last one
@@ -100,6 +103,8 @@ class AdversarialRecipe:
             "loss_g": loss_g.detach(),
             "d_real": self.d_stat(real_out.detach()),
             "d_fake": self.d_stat(fake_out.detach()),
+            "d_real_outputs": real_out.detach().flatten(),
+            "d_fake_outputs": fake_out.detach().flatten(),
         }
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
