@@ -106,6 +106,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if job.num_tasks > 1:
             dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.gpus, overwrite=True)
             os.environ["MASTER_ADDR"] = node_address(dist.master_addr)  # Slurm's node name may not resolve
+        # A preemption's SIGTERM goes to every process of the task; ignored (inherited by the loader
+        # workers), it leaves the run to the USR2 that follows. Slurm's SIGKILL still ends it later.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         requeue = preemption.watch(signal.SIGUSR2)  # submitit's handler: checkpoint() + requeue, called below
         cfg = load_config(self.config, [*self.overrides, "resume=auto"])
         run_dir = train(cfg)

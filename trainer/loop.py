@@ -158,7 +158,6 @@ def train(cfg: Config) -> Path:
                 },
                 per_rank={"rng": rng_state(), "data": engine.data.position.state_dict()},
             )
-            tracker.checkpointed(step)
         if stop and not last:
             log.info("stopped at step %d for the cluster (time limit or preemption); resume=auto continues", step)
             break

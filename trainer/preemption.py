@@ -28,6 +28,15 @@ def watch(sig: int = signal.SIGUSR2) -> Any:
     return signal.signal(sig, _request)
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """In a watched process, loader workers ignore SIGTERM. Slurm sends it to every process of a
+    preempted job, and torch's worker handler turns it into the worker's death and so the run's,
+    before the USR2 that follows can save it. Workers still end with their parent."""
+    del worker_id
+    if _watching:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _request(signum: int, frame: Any) -> None:
     global _requested
     _requested = True

@@ -6,11 +6,11 @@ resumed or requeued job continues the same W&B run.
 
 Two rules keep the dashboard honest and harmless:
 
-- W&B receives a step's rows only once a checkpoint covers that step (`checkpointed`). A job
-  killed between checkpoints resumes from the last one and logs the steps after it again; rows
-  sent earlier would then appear twice (W&B offline files cannot be truncated as metrics.jsonl
-  is). So the dashboard trails training by at most `train.checkpoint_every` steps, and the combined
-  history of all of a run's attempts holds each step exactly once.
+- One history, each step once, across attempts. A killed attempt (SIGKILL, or a preemption's
+  SIGTERM, which also ends W&B's service process) leaves W&B's log holding the steps up to
+  some point p, while training resumes from its last checkpoint s. On resume the tracker reads
+  what earlier attempts persisted (trainer.wandb_files): steps in (p, s] are sent again from
+  metrics.jsonl (scalars), and re-trained steps <= p are not sent twice.
 - W&B lives in a background thread (init, log, finish), so a slow or unreachable server never
   stalls the loop; any W&B error is logged once and switches W&B off: training never fails for it.
 """
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -64,7 +63,6 @@ class Tracker:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.wandb: WandbWriter | None = None
-        self.pending: dict[int, dict[str, Any]] = {}  # W&B rows by step, not yet covered by a checkpoint
         self.bar = None
         if not enabled:
             return
@@ -73,7 +71,9 @@ class Tracker:
         if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
-            self.wandb = WandbWriter(run_dir, cfg)
+            run_id = wandb_run_id(run_dir)
+            self.wandb = WandbWriter(run_dir, cfg, run_id, persisted=self._wandb_persisted(run_id))
+            self._backfill()
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop records a killed run wrote after its last checkpoint: one history, no repeats."""
@@ -84,9 +84,29 @@ class Tracker:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in keep))
         os.replace(tmp, self.jsonl)
 
-    def _stage(self, step: int, values: dict[str, Any]) -> None:
-        if self.wandb is not None:
-            self.pending.setdefault(step, {}).update(values)
+    def _wandb_persisted(self, run_id: str) -> int:
+        """The last step earlier attempts of this W&B run got onto disk (read before this one starts)."""
+        from trainer.wandb_files import persisted_step  # imports wandb: only runs that use it pay
+
+        try:
+            return persisted_step(self.run_dir, run_id)
+        except Exception as exc:  # an unreadable log: assume it holds what metrics.jsonl holds
+            log.warning("could not read the earlier W&B log of this run (%s); not re-sending its steps", exc)
+            return read_metrics(self.run_dir)[-1]["step"] if self.jsonl.exists() else 0
+
+    def _backfill(self) -> None:
+        """Send W&B the logged steps earlier attempts did not persist (none on a fresh run)."""
+        if not self.jsonl.exists():
+            return
+        rows: dict[int, dict[str, Any]] = {}
+        for record in read_metrics(self.run_dir):
+            rows.setdefault(record.pop("step"), {}).update(record)
+        for step in sorted(rows):
+            self._send(step, rows[step])
+
+    def _send(self, step: int, values: dict[str, Any]) -> None:
+        if self.wandb is not None and step > self.wandb.persisted:
+            self.wandb.send(step, values)
 
     def log(self, step: int, metrics: dict[str, float], histograms: dict[str, Any] | None = None) -> None:
         """Scalars to metrics.jsonl and W&B; `histograms` (arrays or tensors of values) to W&B only."""
@@ -94,8 +114,8 @@ class Tracker:
             return
         with self.jsonl.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._stage(step, metrics)
-        self._stage(step, {k: Media("histogram", np.asarray(v, dtype=np.float32)) for k, v in (histograms or {}).items()})
+        self._send(step, metrics)
+        self._send(step, {k: Media("histogram", np.asarray(v, dtype=np.float32)) for k, v in (histograms or {}).items()})
         short = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("train/") and not k.startswith("train/lr")}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in short.items()}, refresh=False)
@@ -108,20 +128,13 @@ class Tracker:
 
     def log_image(self, step: int, key: str, path: Path) -> None:
         if self.enabled:
-            self._stage(step, {key: Media("image", str(path))})
+            self._send(step, {key: Media("image", str(path))})
 
     def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A W&B table (e.g. text-to-image prompts beside their samples). Cells are numbers, strings,
         or images: a PIL image, an HxW / HxWxC uint8 array, or a Path to an image file."""
         if self.enabled:
-            self._stage(step, {key: Media("table", [list(row) for row in rows], tuple(columns))})
-
-    def checkpointed(self, step: int) -> None:
-        """A checkpoint of `step` is complete: its rows and every earlier one may go to W&B."""
-        if self.wandb is None:
-            return
-        for s in sorted(s for s in self.pending if s <= step):
-            self.wandb.send(s, self.pending.pop(s))
+            self._send(step, {key: Media("table", [list(row) for row in rows], tuple(columns))})
 
     def finish(self) -> None:
         if self.bar is not None:
@@ -133,14 +146,12 @@ class Tracker:
 class WandbWriter:
     """One W&B run, driven from a background thread: `send` only queues, so the loop never waits."""
 
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str, *, persisted: int):
         self.run_dir = run_dir
         self.mode = cfg.log.wandb
-        id_file = run_dir / "wandb_id.txt"
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
+        self.persisted = persisted  # the last step earlier attempts of this run got onto disk: not sent again
         self.init_kwargs = dict(
-            project=cfg.log.wandb_project, name=cfg.name, id=id_file.read_text().strip(), resume="allow",
+            project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow",
             dir=str(run_dir), mode=cfg.log.wandb, config=config_to_dict(cfg),
         )
         self.queue: queue.Queue = queue.Queue()
@@ -159,10 +170,6 @@ class WandbWriter:
             log.info("W&B run saved offline; upload it with: wandb sync %s", self.run_dir / "wandb" / "offline-run-*")
 
     def _run(self) -> None:
-        # The W&B service process inherits this thread's signal mask. Slurm signals a whole job
-        # (SIGTERM on preemption, USR2 before the time limit); blocked, they cannot kill the
-        # service before the rows of the final checkpoint are written.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2, signal.SIGINT})
         run = self._start()
         while (item := self.queue.get()) is not None:
             if run is None:
@@ -178,6 +185,9 @@ class WandbWriter:
         if run is not None:
             try:
                 run.finish()
+                import wandb
+
+                wandb.teardown()  # stops W&B's service process, which closes the run's log: only then is it all on disk
             except Exception as exc:
                 log.warning("W&B finish failed: %s", exc)
 
@@ -194,6 +204,14 @@ class WandbWriter:
         except Exception as exc:  # no network, bad key, broken install: train without the dashboard
             log.warning("W&B disabled for this run: %s", exc)
             return None
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's W&B run id, made on first use: every attempt of the run continues it."""
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return id_file.read_text().strip()
 
 
 def _to_wandb(value: Any, wandb: Any) -> Any:
