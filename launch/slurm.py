@@ -53,8 +53,12 @@ class SlurmSettings:
         for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
             if getattr(self, key) < (1 if key == "nodes" else 0):
                 raise ConfigError(f"--{key.replace('_', '-')}={getattr(self, key)} must be >= {1 if key == 'nodes' else 0}")
-        self.minutes = time_minutes(self.time)
+        time_minutes(self.time)  # a bad --time fails here
         self.tasks_per_node = self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def minutes(self) -> int:
+        return time_minutes(self.time)
 
     def submitit_parameters(self, job_name: str) -> dict[str, Any]:
         optional = {"partition": self.partition, "account": self.account, "constraint": self.constraint, "mem": self.mem,
@@ -88,11 +92,10 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
 class TrainJob(submitit.helpers.Checkpointable):
     """What each Slurm task runs: `python -m trainer train CONFIG OVERRIDES resume=auto`, distributed."""
 
-    def __init__(self, config: str, overrides: list[str], run_dir: Path, gpus: bool):
+    def __init__(self, config: str, overrides: list[str], run_dir: Path):
         self.config = config
         self.overrides = overrides
         self.run_dir = run_dir
-        self.gpus = gpus
 
     def __call__(self) -> str:
         from trainer import preemption
@@ -104,7 +107,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         prepare_process()
         job = submitit.JobEnvironment()
         if job.num_tasks > 1:
-            dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.gpus, overwrite=True)
+            # CUDA_VISIBLE_DEVICES stays as Slurm set it: Accelerate takes GPU LOCAL_RANK % visible GPUs,
+            # right whether a task sees all of its node's GPUs or only its own.
+            dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             os.environ["MASTER_ADDR"] = node_address(dist.master_addr)  # Slurm's node name may not resolve
         # A preemption's SIGTERM goes to every process of the task; ignored (inherited by the loader
         # workers), it leaves the run to the USR2 that follows. Slurm's SIGKILL still ends it later.
@@ -137,10 +142,11 @@ def submit(config: str, overrides: list[str], settings: SlurmSettings, *, sweeps
     config_path = str(resolve_config_path(config).resolve())
     base = load_config(config_path, overrides)
     root = base.run_path.resolve()
-    jobs = [_job(config_path, overrides, point, root, base.name, settings) for point in (sweep_points(sweeps) if sweeps else [[]])]
+    jobs = [_job(config_path, overrides, point, root, base.name) for point in (sweep_points(sweeps) if sweeps else [[]])]
     if sbatch is not None:
         if len(jobs) > 1:
             raise ConfigError("--sbatch writes one job's script; submit sweeps with gannet slurm (submitit)")
+        (root / "slurm").mkdir(parents=True, exist_ok=True)  # sbatch does not create its --output folder
         sbatch.write_text(sbatch_script(jobs[0], settings, base.name, root / "slurm"))
         return f"wrote {sbatch}: submit it with `sbatch {sbatch}`"
     executor = submitit.SlurmExecutor(folder=root / "slurm", max_num_timeout=settings.max_requeues)
@@ -159,7 +165,7 @@ def submit(config: str, overrides: list[str], settings: SlurmSettings, *, sweeps
                       *(f"  job {sub.job_id}{line[1:]}" for sub, line in zip(submitted, lines))])
 
 
-def _job(config_path: str, overrides: list[str], point: list[str], root: Path, name: str, settings: SlurmSettings) -> TrainJob:
+def _job(config_path: str, overrides: list[str], point: list[str], root: Path, name: str) -> TrainJob:
     """One job of a submission: its own run directory (a sweep point's below the root), checked now."""
     from trainer.checkpoint import latest_checkpoint
     from trainer.config import load_config
@@ -170,7 +176,7 @@ def _job(config_path: str, overrides: list[str], point: list[str], root: Path, n
     cfg = load_config(config_path, job_overrides)  # a bad sweep value fails here, before anything is queued
     if cfg.resume == "never" and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: add resume=auto to continue it, or choose another run_dir=...")
-    return TrainJob(config_path, job_overrides, run_dir, gpus=settings.gpus_per_node > 0)
+    return TrainJob(config_path, job_overrides, run_dir)
 
 
 def sbatch_script(job: TrainJob, settings: SlurmSettings, name: str, log_dir: Path) -> str:

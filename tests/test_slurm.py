@@ -155,3 +155,15 @@ def test_dry_run_and_sbatch_script_need_no_cluster(small_shards, tmp_path):
     assert bad.returncode == 2 and "unknown key 'train.stepz'" in bad.stderr
     bad = gannet("slurm", "lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time", "1h", "--dry-run", check=False)
     assert bad.returncode == 2 and "--time='1h'" in bad.stderr
+
+
+@pytest.mark.slow  # ~25 s more; `make test` checks the script's text above (test time is scarce)
+def test_plain_sbatch_script_trains_on_two_nodes(cluster, small_shards, tmp_path):
+    run, script = tmp_path / "run", tmp_path / "job.sh"
+    gannet("slurm", "lsgan_mnist", "--nodes", "2", "--gpus-per-node", "0", "--time", "10", "--sbatch", str(script),
+           *tiny_overrides(small_shards, run, **{"train.steps": 10, "train.checkpoint_every": 10, "train.sample_every": 10}))
+    out = subprocess.run(["sbatch", "--parsable", str(script)], env=cluster.env, capture_output=True, text=True, check=True)
+    wait(cluster, run, [out.stdout.strip()])
+    final = run / "checkpoints" / "step-00000010"
+    assert final.is_dir(), "\n".join(p.read_text()[-3000:] for p in (run / "slurm").glob("*.out"))
+    assert load_state(final / "shared")["world"] == 2
