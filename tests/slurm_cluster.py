@@ -55,13 +55,17 @@ def _free_ports(n: int) -> list[int]:
 
 
 def stop(root: Path = ROOT) -> None:
-    """Stop every daemon whose pid file lies in `root` (this cluster's, or a crashed run's)."""
+    """Stop every daemon whose pid file lies in `root` (this cluster's, or a crashed run's), and
+    only if that pid still runs a Slurm or munge daemon (a stale file's pid may be reused)."""
     pids = []
     for pid_file in root.glob("*.pid"):
         try:
-            pids.append(int(pid_file.read_text().split()[0]))
-        except (ValueError, IndexError):
+            pid = int(pid_file.read_text().split()[0])
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (ValueError, IndexError, OSError):
             continue
+        if name in DAEMONS:
+            pids.append(pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [pid for pid in pids if _signal(pid, sig)]
         deadline = time.time() + 10
