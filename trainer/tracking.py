@@ -37,7 +37,8 @@ from trainer.config import Config, config_to_dict
 log = logging.getLogger("gannet")
 
 GROUPS = ("train", "eval", "perf", "data", "samples")  # metric key prefixes, each plotted against `step`
-FINISH_TIMEOUT_S = 60.0  # longest the end of training waits for W&B (an unreachable server, say)
+INIT_TIMEOUT_S = 30.0  # an online run that cannot reach its server by then goes offline
+FINISH_TIMEOUT_S = 60.0  # longest the end of training waits for W&B (a server that went away, say)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -152,8 +153,9 @@ class WandbWriter:
         self.persisted = persisted  # the last step earlier attempts of this run got onto disk: not sent again
         self.init_kwargs = dict(
             project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow",
-            dir=str(run_dir), mode=cfg.log.wandb, config=config_to_dict(cfg),
+            dir=str(run_dir), config=config_to_dict(cfg),
         )
+        self.started = False  # whether a W&B run began (set by the thread)
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="gannet-wandb", daemon=True)
         self.thread.start()
@@ -166,11 +168,12 @@ class WandbWriter:
         self.thread.join(timeout)
         if self.thread.is_alive():
             log.warning("W&B did not finish within %.0f s; training is done and does not wait for it", timeout)
-        elif self.mode == "offline":
+        elif self.mode == "offline" and self.started:
             log.info("W&B run saved offline; upload it with: wandb sync %s", self.run_dir / "wandb" / "offline-run-*")
 
     def _run(self) -> None:
         run = self._start()
+        self.started = run is not None
         while (item := self.queue.get()) is not None:
             if run is None:
                 continue
@@ -192,16 +195,26 @@ class WandbWriter:
                 log.warning("W&B finish failed: %s", exc)
 
     def _start(self) -> Any:
+        """The W&B run; online falls back to offline when the server cannot be reached or refuses."""
         try:
             import wandb
 
-            config = {**self.init_kwargs.pop("config"), "git": git_state(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-            run = wandb.init(**self.init_kwargs, config=config, settings=wandb.Settings(console="off", silent=True, init_timeout=30))
+            config = {**self.init_kwargs["config"], "git": git_state(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            settings = wandb.Settings(console="off", silent=True, init_timeout=INIT_TIMEOUT_S)
+            run = wandb.init(**{**self.init_kwargs, "config": config, "mode": self.mode}, settings=settings)
             run.define_metric("step")
             for group in GROUPS:
                 run.define_metric(f"{group}/*", step_metric="step")
             return run
         except Exception as exc:  # no network, bad key, broken install: train without the dashboard
+            if self.mode == "online":
+                log.warning("W&B online failed (%s); logging offline instead, upload later with wandb sync", exc)
+                self.mode = "offline"
+                try:
+                    wandb.teardown()  # the failed attempt still holds the run id in W&B's service
+                except Exception:
+                    pass  # its service may be the part that failed; a new one starts either way
+                return self._start()
             log.warning("W&B disabled for this run: %s", exc)
             return None
 
