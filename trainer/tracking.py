@@ -152,10 +152,19 @@ class WandbWriter:
         self.mode = cfg.log.wandb
         self.persisted = persisted  # the last step earlier attempts of this run got onto disk: not sent again
         self.init_kwargs = dict(
-            project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow",
-            dir=str(run_dir), config=config_to_dict(cfg),
+            project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow", dir=str(run_dir),
+            config={**config_to_dict(cfg), "git": git_state(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
         )
         self.started = False  # whether a W&B run began (set by the thread)
+        # Every process W&B needs (git above, W&B's service process here) is started now, in the main
+        # thread: a process spawned from another thread while the loop forks its loader workers can
+        # hang before it starts (seen here: `git` never ran, so W&B never began).
+        try:
+            import wandb
+
+            wandb.setup()
+        except Exception as exc:
+            log.warning("W&B could not start its service (%s); continuing without W&B", exc)
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="gannet-wandb", daemon=True)
         self.thread.start()
@@ -199,9 +208,8 @@ class WandbWriter:
         try:
             import wandb
 
-            config = {**self.init_kwargs["config"], "git": git_state(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
             settings = wandb.Settings(console="off", silent=True, init_timeout=INIT_TIMEOUT_S)
-            run = wandb.init(**{**self.init_kwargs, "config": config, "mode": self.mode}, settings=settings)
+            run = wandb.init(**self.init_kwargs, mode=self.mode, settings=settings)
             run.define_metric("step")
             for group in GROUPS:
                 run.define_metric(f"{group}/*", step_metric="step")
