@@ -12,7 +12,8 @@ Two rules keep the dashboard honest and harmless:
   what earlier attempts persisted (trainer.wandb_files): steps in (p, s] are sent again from
   metrics.jsonl (scalars), and re-trained steps <= p are not sent twice.
 - W&B lives in a background thread (init, log, finish), so a slow or unreachable server never
-  stalls the loop; any W&B error is logged once and switches W&B off: training never fails for it.
+  stalls the loop (an online run that cannot reach it goes offline); any other W&B error is logged
+  once and switches W&B off: training never fails for it.
 """
 
 from __future__ import annotations
