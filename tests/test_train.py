@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, gannet, tiny_overrides, without_perf
 from tests.test_data import corrupt_copy
-from tests.wandb_offline import find_run_files, read_history, read_media_files
+from trainer.wandb_files import find_run_files, read_history, read_media_files
 from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
 

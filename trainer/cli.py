@@ -104,16 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-step", action="store_true", help=(
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
+    add_slurm_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    # DeepSpeed (imported by accelerate) must be told it is on a CPU, as DESIGN.md says; setting it
-    # here, at the process entry point, also spares every CPU run a misleading detection warning.
-    if not _cuda_present():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after options: gannet slurm CONFIG --nodes 2 --gpus-per-node 8 train.steps=100
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    prepare_process()
     try:
         return COMMANDS[args.command](args)
     except GannetError as exc:
@@ -122,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gannet: interrupted", file=sys.stderr)
         return 130
+
+
+def prepare_process() -> None:
+    """What every gannet process needs first (the CLI, and each task of a Slurm job)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # DeepSpeed (imported by accelerate) must be told it is on a CPU, as DESIGN.md says; setting it
+    # here, at the process entry point, also spares every CPU run a misleading detection warning.
+    if not _cuda_present():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _cuda_present() -> bool:
@@ -225,4 +236,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="submit training to Slurm (submitit)", description=(
+        "Submit CONFIG to Slurm through submitit: one task per GPU, the same training entry point as `gannet train`, "
+        "resume=auto into a run directory fixed now, a checkpoint on Slurm's time-limit/preemption signal and a requeue. "
+        "Slurm logs and submitit files go to RUN_DIR/slurm/."))
+    p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="as for gannet train")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: one per GPU; 1 on CPU)")
+    p.add_argument("--partition", default="")
+    p.add_argument("--account", default="")
+    p.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
+    p.add_argument("--constraint", default="")
+    p.add_argument("--mem", default="", help="memory per node, e.g. 64G")
+    p.add_argument("--cpus-per-task", type=int, default=0)
+    p.add_argument("--signal-delay-s", type=int, default=120, help="USR2 this long before the time limit (default 120)")
+    p.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2",
+                   help="a job array over these values (repeat for a product); each point trains into RUN_DIR/<key-value>/")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p.add_argument("--sbatch", type=Path, metavar="FILE", help="write a plain sbatch script (srun + accelerate launch) instead")
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmSettings, submit
+
+    settings = SlurmSettings(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, partition=args.partition,
+        account=args.account, time=args.time, constraint=args.constraint, mem=args.mem, cpus_per_task=args.cpus_per_task,
+        signal_delay_s=args.signal_delay_s,
+    )
+    print(submit(args.config, args.overrides, settings, sweeps=args.sweep, dry_run=args.dry_run, sbatch=args.sbatch))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+            "slurm": cmd_slurm}

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from models.text import SentenceEncoder
+from trainer import preemption
 from trainer.config import DataConfig
 from trainer.errors import ConfigError, DataError
 
@@ -231,6 +232,7 @@ class DataStream:
             # Its own generator: by default a DataLoader draws its workers' base seed from the global
             # torch RNG when iteration starts, which would shift the noise stream after a resume.
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=preemption.loader_worker_init,  # outlive a preemption's SIGTERM in Slurm jobs
         )
         self._iter: Iterator | None = None
 

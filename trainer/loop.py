@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from models.recipes import get_recipe
+from trainer import preemption
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import Config, OptimConfig, config_to_dict
 from trainer.data import example_images, open_stream, stream_urls
@@ -123,14 +124,14 @@ def train(cfg: Config) -> Path:
         last = step == cfg.train.steps
 
         if step % cfg.train.log_every == 0 or last:
-            names = sorted(metrics)
+            names = sorted(k for k, v in metrics.items() if v.ndim == 0)  # batch-shaped values: histograms
             values = engine.accelerator.reduce(torch.stack([metrics[k].float() for k in names]), "mean").tolist()
             elapsed = time.perf_counter() - clock
             record = {f"train/{k}": v for k, v in zip(names, values)}
             record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in schedulers.items()})
             record["data/skipped"] = float(engine.data.position.errors)
             record["perf/images_per_s"] = images_per_step * (step - clock_step) / max(elapsed, 1e-9)
-            tracker.log(step, record)
+            tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})
             clock, clock_step = time.perf_counter(), step
 
         if step % cfg.train.sample_every == 0 or last:
@@ -149,7 +150,9 @@ def train(cfg: Config) -> Path:
                 scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
                 tracker.log(step, Evaluator.scalars(scores))
 
-        if step % cfg.train.checkpoint_every == 0 or last:
+        # Slurm's warning signal (time limit, preemption): all ranks save this step and stop; the launcher requeues.
+        stop = step % cfg.train.log_every == 0 and preemption.agreed(engine)
+        if step % cfg.train.checkpoint_every == 0 or last or stop:
             save_checkpoint(
                 run_dir, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
                 weights=engine.full_weights(), write_files=engine.save_files,
@@ -160,6 +163,9 @@ def train(cfg: Config) -> Path:
                 },
                 per_rank={"rng": rng_state(), "data": engine.data.position.state_dict(), "recipe": recipe.state_dict()},
             )
+        if stop and not last:
+            log.info("stopped at step %d for the cluster (time limit or preemption); resume=auto continues", step)
+            break
 
     # 5. Done: flush the dashboard, leave the process group cleanly.
     tracker.finish()

@@ -95,7 +95,13 @@ class AdversarialRecipe:
         with torch.no_grad():
             fake = G(step.noise(real.shape[0], self.cfg.model.z_dim), *cond)
         real_out, fake_out = D(real, *cond).float(), D(fake, *cond).float()  # losses in fp32 under bf16/fp16
-        return self.d_loss(real_out, fake_out), {"d_real": self.d_stat(real_out.detach()), "d_fake": self.d_stat(fake_out.detach())}
+        return self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out)
+
+    def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """D(x) and D(G(z)) for the dashboards: the statistics, and the raw outputs as histograms."""
+        real_out, fake_out = real_out.detach(), fake_out.detach()
+        return {"d_real": self.d_stat(real_out), "d_fake": self.d_stat(fake_out),
+                "d_real_outputs": real_out.flatten(), "d_fake_outputs": fake_out.flatten()}
 
     def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """G's loss through the (frozen) D, on fresh noise with the batch's conditions."""
@@ -104,6 +110,9 @@ class AdversarialRecipe:
         return self.g_loss(gen_out), {}
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
+        """One generator step (after k D-steps). Returns what the dashboards show, by convention for
+        every recipe: scalar tensors are averaged over ranks and logged as `train/<key>`; tensors with
+        a batch dimension (here D's raw outputs) are rank 0's values, shown as W&B histograms."""
         for _ in range(self.params.d_steps):
             for _ in range(step.accumulation):  # micro-batches; the engine steps on the last one
                 batch = step.batch()

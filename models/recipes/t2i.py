@@ -81,7 +81,7 @@ class TextToImageGAN(GAN):
         real_out, fake_out = D(real, text).float(), D(fake, text).float()
         real_term = F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out))
         fake_term = F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
-        stats = {"d_real": self.d_stat(real_out.detach()), "d_fake": self.d_stat(fake_out.detach())}
+        stats = self.d_outputs(real_out, fake_out)
         if not self.params.mismatch:
             return 0.5 * (real_term + fake_term), stats
         wrong_out = D(real, text.roll(1, dims=0)).float()

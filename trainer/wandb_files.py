@@ -1,4 +1,7 @@
-"""Read back what an offline W&B run logged, so tests can assert on it.
+"""Read back what a W&B run wrote to its local transaction log (`run-<id>.wandb`).
+
+The tracker uses it on resume (which steps did earlier attempts of this run already persist?),
+and the tests to assert on what W&B received.
 
 Each ``wandb.init(mode="offline", dir=D, ...)`` writes a fresh directory
 ``D/wandb/offline-run-<YYYYmmdd_HHMMSS>-<id>[-N]/`` holding ``run-<id>.wandb``
@@ -37,10 +40,18 @@ def _run_dirs(run_dir: str | Path) -> list[Path]:
     return [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
 
 
-def find_run_files(run_dir: str | Path) -> list[Path]:
-    """All ``run-*.wandb`` files under ``run_dir/wandb/``, oldest first (by mtime)."""
-    files = [f for d in _run_dirs(run_dir) for f in d.rglob("run-*.wandb")]
+def find_run_files(run_dir: str | Path, run_id: str = "*") -> list[Path]:
+    """The ``run-<run_id>.wandb`` files under ``run_dir/wandb/`` (any id by default), oldest first (by mtime)."""
+    files = [f for d in _run_dirs(run_dir) for f in d.rglob(f"run-{run_id}.wandb")]
     return sorted(files, key=lambda p: p.stat().st_mtime)
+
+
+def persisted_step(run_dir: str | Path, run_id: str) -> int:
+    """The last step any earlier attempt of run `run_id` got onto disk (0 if none).
+
+    W&B writes its log in 32 KiB blocks, so a killed process loses its unwritten tail: this is
+    what actually survived, not what was sent."""
+    return max((row["_step"] for f in find_run_files(run_dir, run_id) for row in read_history(f) if "_step" in row), default=0)
 
 
 def _iter_raw_records(data: bytes) -> Iterator[bytes]:
