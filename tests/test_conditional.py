@@ -156,6 +156,9 @@ def test_text_to_image_trains_with_a_moving_mismatch_term_and_samples_captions(m
     mismatch = [r["train/loss_d_mismatch"] for r in rows]
     assert len(mismatch) == 6 and max(mismatch) - min(mismatch) > 1e-3  # present, and D is learning it
     assert all(r["train/kl"] >= 0 for r in rows)
+    prompts = (run / "samples" / "prompts.txt").read_text().splitlines()  # the grid's captions, in grid order
+    assert len(prompts) == 64 and all(any(name in p for name in ("zero", "one", "two", "three", "four", "five", "six",
+                                                                   "seven", "eight", "nine")) or "digit" in p for p in prompts)
     single = gannet("sample", str(run), "--text", "a thick seven slanted to the right", "--n", "9", "--out", str(tmp_path / "a.png"))
     grid = np.asarray(Image.open(single.stdout.strip()))
     assert grid.shape == (3 * 30 + 2, 3 * 30 + 2)

@@ -27,7 +27,7 @@ from trainer.data import example_images, open_stream, stream_urls
 from trainer.engine import Engine, make_engine
 from trainer.errors import ConfigError
 from trainer.evaluate import Evaluator
-from trainer.images import save_grid
+from trainer.images import grid_array, save_grid
 from trainer.tracking import Tracker
 
 log = logging.getLogger("gannet")
@@ -86,6 +86,10 @@ def train(cfg: Config) -> Path:
     engine.prepare(nets, optimizers)
     fixed_inputs = recipe.fixed_inputs(cfg.train.num_samples, torch.Generator().manual_seed(cfg.seed),
                                        examples=lambda n: example_images(shard_urls, cfg.data, n))
+    prompts = recipe.captions(fixed_inputs)  # conditional GANs: what each grid sample is asked to show
+    if prompts and engine.is_main:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples" / "prompts.txt").write_text("".join(f"{text}\n" for text in prompts))
 
     # 3. Randomness differs per rank (each draws its own noise); then restore everything saved.
     seed_everything(cfg.seed + 1000 * engine.rank)
@@ -139,6 +143,9 @@ def train(cfg: Config) -> Path:
             if engine.is_main:
                 path = save_grid(images, run_dir / "samples" / f"step-{step:08d}.png")
                 tracker.log_image(step, "samples/fixed_noise", path)
+                if prompts:  # the first 16 samples beside their prompts, as a W&B table
+                    tracker.log_table(step, "samples/prompts", ["prompt", "sample"],
+                                      [[text, grid_array(image[None], nrow=1, pad=0)] for text, image in zip(prompts[:16], images)])
 
         if cfg.eval.every and step % cfg.eval.every == 0:
             share = -(-cfg.eval.samples // engine.world)  # each rank generates its share; rank 0 scores all

@@ -134,6 +134,12 @@ class AdversarialRecipe:
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return nets["G"](inputs["z"], *self.conditions(inputs))
 
+    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        """What each sample of `inputs` was asked to show, in words (none for unconditional GANs):
+        the prompts table beside the sample grid."""
+        del inputs
+        return []
+
     def state_dict(self) -> dict:
         """This rank's recipe state beyond the networks (none here; CycleGAN's image pools, say).
         Checkpoints keep it per rank: each rank's pools hold its own past fakes."""

@@ -55,3 +55,6 @@ class ConditionalGAN(GAN):
     def fixed_inputs(self, n: int, generator: torch.Generator, examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """Noise plus classes in turn (0, 1, ..., 9, 0, ...): grids and evaluations cover every class."""
         return {**super().fixed_inputs(n, generator), "label": torch.arange(n) % self.cfg.model.num_classes}
+
+    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        return [f"class {int(y)}" for y in inputs["label"]]

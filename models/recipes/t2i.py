@@ -134,6 +134,9 @@ class TextToImageGAN(GAN):
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return nets["G"](inputs["z"], inputs["text_emb"])[0]
 
+    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        return [self.prompts[int(i)][0] for i in inputs["prompt"]]
+
 
 def _heldout_beside(shards: str) -> str:
     """val-*.tar beside the training shards when there are any (unseen captions), else the training shards."""
