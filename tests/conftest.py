@@ -51,7 +51,9 @@ def without_perf(rows: list[dict]) -> list[dict]:
 
 def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m trainer ...`) in a fresh process from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    # One math thread per process: a run is a trainer plus a loader worker on a 2-core machine, and
+    # oversubscribed OpenMP threads made small CPU runs many times slower (measured, see README).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout, **popen)
     if check and result.returncode != 0:
