@@ -25,3 +25,8 @@ def test_bench_reports_throughput_and_zero2_halves_optimizer_state(small_shards,
     assert 0.45 < zero2["optimizer_vs_ddp"] < 0.6  # Adam's moments split over 2 ranks
     assert ddp["master"] == 0 < zero2["master"]
     assert "memory per rank" in result.stdout and "zero2" in result.stdout
+
+
+def test_bench_tables_refuse_a_translation_recipe_with_a_pointer():
+    result = gannet("bench", "cyclegan_silhouettes", check=False)
+    assert result.returncode == 2 and "--reference-step" in result.stderr

@@ -124,9 +124,13 @@ def memory_worker(out: str, config: str, overrides: list[str]) -> None:
     engine.prepare(nets, {name: torch.optim.Adam(net.parameters(), lr=cfg.optim.g.lr) for name, net in nets.items()})
     engine.data = DataStream(expand_urls(cfg.data.shards), cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed)
     recipe.iteration(engine)  # optimizer state is allocated on the first step
-    report = {}
-    for name in engine.nets:
-        loss = engine.nets[name](engine.batch()["image"] if name == "D" else engine.noise(cfg.data.batch_size, cfg.model.z_dim)).float().mean()
+    report, batch = {}, engine.batch()
+    for name in engine.nets:  # the recipe's own losses, so conditional networks get their labels/captions
+        if name == "G":
+            with engine.frozen("D"):
+                loss = recipe.g_objective(engine, batch)[0]
+        else:
+            loss = recipe.d_objective(engine, batch)[0]
         if isinstance(engine, DeepSpeedEngine):
             engine.nets[name].backward(loss)
         else:

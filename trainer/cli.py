@@ -222,10 +222,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from models.recipes import get_recipe
     from trainer.bench import run_bench
     from trainer.config import load_config
 
-    load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if not args.reference_step and not hasattr(get_recipe(cfg.recipe.name), "d_objective"):
+        raise ConfigError(f"gannet bench's throughput and memory tables measure one-G-one-D recipes; for {cfg.recipe.name} "
+                          f"use --reference-step (its training step against a plain eager reference)")
     if args.reference_step:
         from trainer.bench import cyclegan_step_bench
 

@@ -243,6 +243,10 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
     memorization grid and the report for the last of them."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
+    if hasattr(recipe, "translate"):
+        raise GannetError(f"gannet eval scores generators of noise (optionally with labels or captions); {run_dir} is an "
+                          f"image-translation run ({cfg.recipe.name}), which it does not score yet: see its samples/ grids, "
+                          f"or translate held-out images with gannet sample RUN --direction AtoB --input DIR --out DIR")
     wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
     missing = [s for s in wanted if s not in kept]
     if missing:
