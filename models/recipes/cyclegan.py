@@ -171,6 +171,11 @@ class CycleGAN:
             rows.append(torch.cat([real, fake, G(fake, back)], dim=-1))
         return torch.cat(rows)
 
+    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        """Grids of translations need no prompts (the recipe interface asks every recipe)."""
+        del inputs
+        return []
+
     def translate(self, nets: Mapping[str, nn.Module], images: torch.Tensor, direction: str) -> torch.Tensor:
         """`gannet sample RUN --direction AtoB|BtoA`: one generator applied to a batch of real images."""
         return nets["G"](images, DIRECTIONS[direction])
