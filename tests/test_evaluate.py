@@ -10,15 +10,16 @@ from PIL import Image
 
 from tests.conftest import gannet, tiny_overrides
 from trainer.config import load_config
-from trainer.evaluate import classifier_for, load_images, memorization
+from trainer.data import expand_urls, first_images
+from trainer.evaluate import classifier_for, memorization
 from trainer.metrics import frechet_distance
 from trainer.tracking import read_metrics
 
 
 def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_path):
     cfg = load_config("lsgan_mnist", [f"data.shards={mnist_shards}/train-*.tar"])
-    train = load_images(cfg.data.shards, cfg, limit=10_000)
-    heldout = load_images(f"{mnist_shards}/val-*.tar", cfg, limit=500)
+    train = first_images(expand_urls(cfg.data.shards), cfg.data, 10_000)
+    heldout = first_images(expand_urls(f"{mnist_shards}/val-*.tar"), cfg.data, 500)
     cache = mnist_shards / ".gannet-classifier.safetensors"  # where `gannet eval` keeps it: trained once per session
     classifier, accuracy = classifier_for(cfg, train, heldout, cache)
     assert accuracy > 0.9  # a real digit classifier, trained offline on the 4,500 real digits
@@ -34,13 +35,13 @@ def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_p
 
 def test_memorization_check_flags_copies_and_passes_new_images(mnist_shards):
     cfg = load_config("lsgan_mnist", [f"data.shards={mnist_shards}/train-*.tar"])
-    train, _ = load_images(cfg.data.shards, cfg, limit=2000)
-    heldout, _ = load_images(f"{mnist_shards}/val-*.tar", cfg, limit=300)
+    train, _ = first_images(expand_urls(cfg.data.shards), cfg.data, 2000)
+    heldout, _ = first_images(expand_urls(f"{mnist_shards}/val-*.tar"), cfg.data, 300)
     features = lambda x: torch.nn.functional.avg_pool2d(x, 4).flatten(1)  # noqa: E731  (any fixed feature map)
     copies = train[:300] + 0.01 * torch.randn(300, 1, 28, 28)  # a "generator" that returns training images
     flagged = memorization(copies, train, heldout, {"generated": features(copies), "train": features(train), "heldout": features(heldout)})
     assert flagged["verdict"] == "memorizes the training set" and flagged["pixel"]["ratio"] < 0.1
-    fresh = load_images(f"{mnist_shards}/train-000008.tar", cfg, limit=300)[0]  # real digits not in `train`
+    fresh = first_images(expand_urls(f"{mnist_shards}/train-000008.tar"), cfg.data, 300)[0]  # real digits not in `train`
     passed = memorization(fresh, train, heldout, {"generated": features(fresh), "train": features(train), "heldout": features(heldout)})
     assert passed["verdict"] == "no sign of memorization" and passed["pixel"]["ratio"] > 0.7
 

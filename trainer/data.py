@@ -24,6 +24,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import braceexpand
@@ -321,20 +322,33 @@ def open_stream(urls: list[list[str]], cfg: DataConfig, *, rank: int, world: int
     return UnpairedStream(a, b)
 
 
+def first_images(urls: list[str], cfg: DataConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `n` decoded images (at `data.image_size`, no augmentation) and their labels, in shard
+    order: a finite pass, for sample-grid inputs and evaluation's real sets. An unreadable sample
+    is skipped with a warning, as in training."""
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue):
+        try:
+            item = decode_image_sample(sample, cfg.image_size, cfg.channels)
+        except Exception as exn:
+            log.warning("skipped an unreadable image: %s", exn)
+            continue
+        images.append(item["image"])
+        labels.append(item["label"])
+        if len(images) == n:
+            break
+    if not images:
+        raise DataError(f"no readable image in {urls[:3]}...")
+    return torch.stack(images), torch.stack(labels)
+
+
 def example_images(urls: list[list[str]], cfg: DataConfig, n: int) -> dict[str, torch.Tensor]:
-    """The first `n` readable images of each stream, in shard order, resized to `data.image_size`
-    without augmentation: the same real inputs for every sample grid of a run (keys as in a batch)."""
-    out = {}
-    for key, paths in zip(("image", "image_b"), urls):
-        images: list[torch.Tensor] = []
-        for sample in wds.tarfile_samples(({"url": url} for url in paths), handler=wds.warn_and_continue):
-            try:
-                images.append(decode_image_sample(sample, cfg.image_size, cfg.channels)["image"])
-            except Exception as exn:  # an unreadable sample is skipped here as in training
-                log.warning("skipped an unreadable example image: %s", exn)
-            if len(images) == n:
-                break
-        if not images:
-            raise DataError(f"no readable image in {paths[:3]}...")
-        out[key] = torch.stack(images)
-    return out
+    """The first `n` readable images of each stream: the same real inputs for every sample grid of
+    a run (keys as in a batch)."""
+    return {key: first_images(paths, cfg, n)[0] for key, paths in zip(("image", "image_b"), urls)}
+
+
+def heldout_beside(shards: str) -> str:
+    """`val-*.tar` in the folder of the first training shard: the held-out split `gannet shards` writes."""
+    return str(Path(expand_urls(shards)[0]).parent / "val-*.tar")

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.captions import attribute_agreement
 from trainer.config import Config
-from trainer.data import decode_image_sample, expand_urls
+from trainer.data import expand_urls, first_images, heldout_beside
 from trainer.errors import ConfigError, GannetError
 from trainer.images import save_grid
 from trainer.report import write_report
@@ -51,18 +50,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def load_images(pattern: str, cfg: Config, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `limit` decoded images and labels from shards, in shard order (a finite pass)."""
-    images, labels = [], []
-    for sample in wds.tarfile_samples({"url": url} for url in expand_urls(pattern)):
-        item = decode_image_sample(sample, cfg.data.image_size, cfg.data.channels)
-        images.append(item["image"])
-        labels.append(item["label"])
-        if len(images) == limit:
-            break
-    return torch.stack(images), torch.stack(labels)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Config, epochs: int = 4) -> DigitClassifier:
@@ -173,8 +160,8 @@ class Evaluator:
 
     def __init__(self, cfg: Config):
         first_shard = Path(expand_urls(cfg.data.shards)[0])
-        self.train = load_images(cfg.data.shards, cfg, limit=10_000)
-        self.heldout = load_images(cfg.eval.heldout or str(first_shard.parent / "val-*.tar"), cfg, limit=cfg.eval.samples)
+        self.train = first_images(expand_urls(cfg.data.shards), cfg.data, 10_000)
+        self.heldout = first_images(expand_urls(cfg.eval.heldout or heldout_beside(cfg.data.shards)), cfg.data, cfg.eval.samples)
         if cfg.eval.extractor == "inception":
             self.extractor: ClassifierFeatures | InceptionFeatures = InceptionFeatures(cfg.eval.inception)
         else:

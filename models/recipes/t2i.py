@@ -18,6 +18,7 @@ The mismatched caption of a sample is its batch neighbour's (the batch rolled by
 
 from __future__ import annotations
 
+import glob
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping
@@ -32,7 +33,7 @@ from models.recipes.base import Step
 from models.recipes.cgan import check_networks
 from models.recipes.gan import GAN, GANParams
 from models.text import SentenceEncoder
-from trainer.data import expand_urls, first_captions
+from trainer.data import expand_urls, first_captions, heldout_beside
 from trainer.errors import ConfigError
 
 
@@ -119,7 +120,10 @@ class TextToImageGAN(GAN):
     def prompts(self) -> list[tuple[str, int]]:
         """(caption, class or -1) pairs for sample grids and evaluation, read once from the shards."""
         if self._prompts is None:
-            pattern = self.params.prompts or self.cfg.eval.heldout or _heldout_beside(self.cfg.data.shards)
+            pattern = self.params.prompts or self.cfg.eval.heldout
+            if not pattern:  # unseen captions from the held-out split beside the shards, else the training ones
+                beside = heldout_beside(self.cfg.data.shards)
+                pattern = beside if glob.glob(beside) else self.cfg.data.shards
             self._prompts = first_captions(expand_urls(pattern), self.PROMPT_POOL)
         return self._prompts
 
@@ -137,15 +141,3 @@ class TextToImageGAN(GAN):
     def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
         return [self.prompts[int(i)][0] for i in inputs["prompt"]]
 
-
-def _heldout_beside(shards: str) -> str:
-    """val-*.tar beside the training shards when there are any (unseen captions), else the training shards."""
-    first = expand_urls(shards)[0]
-    if "://" in first or first.startswith("pipe:"):
-        return shards
-    val = str(first.rsplit("/", 1)[0] + "/val-*.tar") if "/" in first else "val-*.tar"
-    try:
-        expand_urls(val)
-        return val
-    except ConfigError:
-        return shards
