@@ -20,7 +20,7 @@ from torch import nn
 
 from models.networks import DCGANDiscriminator, DCGANGenerator, DISCRIMINATORS, GENERATORS, dcgan_init, register
 from models.text import embedding_dim
-from trainer.config import DataConfig, ModelConfig
+from trainer.schema import DataConfig, ModelConfig
 from trainer.errors import ConfigError
 
 

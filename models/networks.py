@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.config import DataConfig, ModelConfig
+from trainer.schema import DataConfig, ModelConfig
 from trainer.errors import ConfigError
 
 Builder = Callable[[ModelConfig, DataConfig], nn.Module]

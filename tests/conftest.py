@@ -1,18 +1,84 @@
-"""Shared fixtures: real MNIST shards (the bundled digits) and a `gannet` subprocess runner."""
+"""Shared fixtures and helpers: real shards (the bundled digits), and the one way tests start
+processes (`process_env`, `run`, `gannet`, `accelerate_train`)."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trainer.shards import bundled_mnist, labelled_images, write_mnist_shards, write_split
+from trainer.shards import bundled_mnist, labelled_images, write_mnist_shards, write_silhouette_shards, write_split
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's launchers (accelerate, torchrun)
+
+# What a test process inherits from the caller: where programs and the home folder are, and the
+# machine's OpenBLAS workaround. Nothing else: a variable exported in one shell (OMP_NUM_THREADS,
+# WANDB_MODE, ACCELERATE_*) must not change what a test computes (one such test passed in a
+# shell with OMP_NUM_THREADS=1 and failed on every fresh machine).
+PASSED_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "SLURM_CONF",
+                  "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """The environment of every process a test starts. One math thread per process: a run is a
+    trainer plus loader workers on a 2-core machine, oversubscribed OpenMP threads made small CPU
+    runs many times slower, and the thread count changes float reduction order, so runs compared
+    for bit-identity must use the same count. PYTHONPATH pins the code under test to this checkout."""
+    env = {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    return {**env, **extra}
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repo root in `process_env()`; fail the test with its stderr if it fails."""
+    result = subprocess.run(cmd, cwd=REPO, env=env or process_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-5000:]}"
+    return result
+
+
+def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m trainer ...`) in a fresh process from the repo root."""
+    result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=process_env(), capture_output=True,
+                            text=True, timeout=timeout, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gannet {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+def accelerate_train(overrides: list[str], processes: int = 2, config: str = "lsgan_mnist") -> subprocess.CompletedProcess:
+    """`accelerate launch` of `gannet train` on CPU processes (gloo): ACCELERATE_USE_CPU + --multi_gpu,
+    since `accelerate launch --cpu` with more than one process does not distribute."""
+    from trainer.engine import free_port
+
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "trainer", "train", config, *overrides]
+    return run(cmd, env=process_env(ACCELERATE_USE_CPU="1"))
+
+
+def corrupt_copy(src: Path, dst: Path) -> None:
+    """Copy the shards; truncate one tar mid-way and replace one PNG in another with junk bytes."""
+    dst.mkdir()
+    shards = sorted(src.glob("train-*.tar"))
+    for shard in shards:
+        (dst / shard.name).write_bytes(shard.read_bytes())
+    truncated = dst / shards[0].name
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2 + 100])
+    with tarfile.open(dst / shards[1].name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(dst / shards[1].name, "w") as tar:
+        for i, (member, payload) in enumerate(members):
+            if i == 0:
+                payload = b"\x89PNG not really"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +99,19 @@ def small_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def silhouettes(tmp_path_factory) -> dict[str, Path]:
+    """The bundled horse (A) / zebra (B) silhouettes through the real CLI: 100 of each held out as
+    image folders, then a small unpaired shard set written from those folders by `shards unpaired`."""
+    full = tmp_path_factory.mktemp("silhouettes")
+    write_silhouette_shards(full, shard_size=300, holdout=100)
+    small = tmp_path_factory.mktemp("unpaired")
+    out = gannet("shards", "unpaired", "--a", str(full / "testA"), "--b", str(full / "testB"), "--out", str(small),
+                 "--shard-size", "25").stdout
+    assert "4 a, 4 b shard(s)" in out
+    return {"full": full, "small": small}
+
+
 def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:
     """A small, fast LSGAN config on real shards (narrow nets, W&B off unless asked)."""
     values = {
@@ -49,13 +128,3 @@ def without_perf(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
-def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m trainer ...`) in a fresh process from the repo root."""
-    # One math thread per process: a run is a trainer plus a loader worker on a 2-core machine, and
-    # oversubscribed OpenMP threads made small CPU runs many times slower (measured, see README).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout, **popen)
-    if check and result.returncode != 0:
-        raise AssertionError(f"gannet {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return result

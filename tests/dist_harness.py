@@ -17,9 +17,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from models.recipes import get_recipe  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.engine import make_engine  # noqa: E402
+from trainer.setup import setup  # noqa: E402
 from trainer.shards import bundled_mnist  # noqa: E402
 
 GLOBAL_BATCH = 16
@@ -37,12 +36,10 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
     probe = load_config("lsgan_mnist", overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro_batch = GLOBAL_BATCH // (world * probe.train.grad_accum)
-    cfg = load_config("lsgan_mnist", [*overrides, f"data.batch_size={micro_batch}", "model.norm=none"])
-    engine = make_engine(cfg)
-    torch.manual_seed(cfg.seed)
-    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
-    nets = recipe.build()
-    engine.prepare(nets, {name: torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.999)) for name, net in nets.items()})
+    cfg = load_config("lsgan_mnist", [*overrides, f"data.batch_size={micro_batch}", "model.norm=none",
+                                      "optim.g.lr=1e-3", "optim.d.lr=1e-3"])
+    job = setup(cfg)
+    engine, recipe = job.engine, job.recipe
 
     pixels, _ = bundled_mnist()
     images = torch.from_numpy(pixels[:512]).float().div(127.5).sub(1).unsqueeze(1)

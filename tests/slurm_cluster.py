@@ -2,7 +2,8 @@
 
 Started from scratch in one fixed folder, /tmp/gannet-slurm-test: its own munge daemon (own key
 and socket), `slurmctld`, and two `slurmd` daemons emulating nodes n1 and n2 on loopback, on free
-ports, with the settings DESIGN.md lists as verified. The folder is fixed so that daemons left by
+ports (the settings that matter: proctrack/linuxproc, task/none, root as SlurmUser and SlurmdUser,
+one NodeAddr=127.0.0.1 with its own port per node, a short cred_expire). The folder is fixed so that daemons left by
 a crashed earlier session are found by their pid files and stopped before a new cluster starts.
 Where Slurm is not installed or cannot start, the tests skip and say why; `.ci/run` installs it.
 """

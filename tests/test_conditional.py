@@ -18,8 +18,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from tests.conftest import REPO, gannet, tiny_overrides
-from tests.test_distributed import accelerate_train
+from tests.conftest import REPO, accelerate_train, gannet, tiny_overrides
 from trainer.captions import THICKNESS, attribute_agreement, caption_attributes, describe, phrasings
 from trainer.config import load_config
 from trainer.errors import ConfigError

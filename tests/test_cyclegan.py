@@ -19,15 +19,15 @@ from torch import nn
 from models.networks import PatchDiscriminator, ResnetGenerator
 from models.recipes import get_recipe
 from models.recipes.cyclegan import ImagePool
-from tests.conftest import without_perf
-from tests.test_distributed import BIN, CPU_ENV, run
-from trainer.bench import cyclegan_step_bench
+from tests.conftest import BIN, run, without_perf
+from trainer.stepbench import cyclegan_step_bench
 from trainer.cli import main as cli_main
-from trainer.config import DataConfig, load_config
+from trainer.config import load_config
+from trainer.schema import DataConfig
 from trainer.data import augment, open_stream, stream_urls
-from trainer.engine import free_port, make_engine
+from trainer.engine import free_port
+from trainer.setup import setup
 from trainer.errors import ConfigError
-from trainer.shards import write_silhouette_shards
 from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
 
@@ -46,7 +46,7 @@ def one_thread():
 
 def cli(*args: str) -> str:
     """The real CLI in a fresh process, one thread per process as in the multi-process tests; stdout."""
-    return run([sys.executable, "-m", "trainer", *args], env=CPU_ENV).stdout
+    return run([sys.executable, "-m", "trainer", *args]).stdout
 
 
 def test_parameter_counts_match_the_reference_implementation():
@@ -102,19 +102,6 @@ def test_augmentation_is_a_crop_and_flip_fixed_by_the_sample_position():
     assert augment(sample, DataConfig(image_size=6), (0,)) is sample  # no load_size, no flip: untouched
 
 
-@pytest.fixture(scope="module")
-def silhouettes(tmp_path_factory):
-    """The bundled horse (A) / zebra (B) silhouettes through the real CLI: 100 of each held out as
-    image folders, then a small unpaired shard set written from those folders by `shards unpaired`."""
-    full = tmp_path_factory.mktemp("silhouettes")
-    write_silhouette_shards(full, shard_size=300, holdout=100)
-    small = tmp_path_factory.mktemp("unpaired")
-    out = cli("shards", "unpaired", "--a", str(full / "testA"), "--b", str(full / "testB"), "--out", str(small),
-              "--shard-size", "25")
-    assert "4 a, 4 b shard(s)" in out
-    return {"full": full, "small": small}
-
-
 def tiny(shards, run_dir, **extra) -> list[str]:
     values = {"data.shards": f"{shards}/a-*.tar", "data.shards_b": f"{shards}/b-*.tar", "data.batch_size": 2,
               "data.shuffle_buffer": 20, "model.g_width": 8, "model.d_width": 8, "recipe.pool_size": 3,
@@ -127,11 +114,8 @@ def tiny(shards, run_dir, **extra) -> list[str]:
 
 def test_one_iteration_updates_all_four_networks_and_the_g_step_leaves_d_untouched(silhouettes, tmp_path):
     cfg = load_config("cyclegan_silhouettes", tiny(silhouettes["small"], tmp_path))
-    recipe = get_recipe("cyclegan")(cfg.recipe, cfg)
-    torch.manual_seed(0)
-    engine = make_engine(cfg)
-    nets = recipe.build()
-    engine.prepare(nets, {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in nets.items()})
+    job = setup(cfg)
+    engine, recipe = job.engine, job.recipe
     engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)
     snapshot = lambda: {k: v.clone() for name in ("G", "D") for k, v in  # noqa: E731
                         ((f"{name}.{k}", v) for k, v in engine.module(name).state_dict().items())}
@@ -219,7 +203,7 @@ def test_two_processes_train_to_the_end(silhouettes, tmp_path, strategy):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer", "train",
            "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir, **{"train.strategy": strategy, "train.steps": 4}),
            "train.cpu=true"]
-    run(cmd, env=CPU_ENV)
+    run(cmd)
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     final = run_dir / "checkpoints" / "step-00000004"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import io
 import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from trainer.config import DataConfig
+from tests.conftest import corrupt_copy
+from trainer.schema import DataConfig
 from trainer.data import DataStream, ShardStream, StreamPosition, expand_urls
 from trainer.errors import ConfigError, DataError
 from trainer.shards import bundled_mnist, read_idx, write_mnist_shards
@@ -97,24 +96,6 @@ def test_stream_resumes_exactly_from_a_saved_position(small_shards, workers):
     resumed = DataStream(urls, cfg, rank=0, world=1, seed=0, position=StreamPosition.from_state(saved))
     for i in range(23, 60):
         assert torch.equal(next(resumed)["image"], reference[i]), f"batch {i} differs after resume"
-
-
-def corrupt_copy(src: Path, dst: Path) -> None:
-    """Copy the shards; truncate one tar mid-way and replace one PNG in another with junk bytes."""
-    dst.mkdir()
-    shards = sorted(src.glob("train-*.tar"))
-    for shard in shards:
-        (dst / shard.name).write_bytes(shard.read_bytes())
-    truncated = dst / shards[0].name
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2 + 100])
-    with tarfile.open(dst / shards[1].name) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(dst / shards[1].name, "w") as tar:
-        for i, (member, payload) in enumerate(members):
-            if i == 0:
-                payload = b"\x89PNG not really"
-                member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
 
 
 def test_corrupt_shards_are_skipped_counted_and_budgeted(small_shards, tmp_path, caplog):

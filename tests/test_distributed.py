@@ -4,7 +4,6 @@ DeepSpeed resume, and DDP resume on a different number of processes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,27 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_overrides, without_perf
+from tests.conftest import BIN, REPO, accelerate_train, process_env, run, tiny_overrides, without_perf
 from trainer.engine import free_port
 from trainer.tracking import read_metrics as metrics
-
-BIN = Path(sys.executable).parent
-CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true"}
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=env or CPU_ENV, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-5000:]}"
-    return result
-
-
-def accelerate_train(overrides: list[str], processes: int = 2, config: str = "lsgan_mnist") -> subprocess.CompletedProcess:
-    """`accelerate launch` on CPU as DESIGN.md prescribes (ACCELERATE_USE_CPU + --multi_gpu)."""
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "trainer", "train", config, *overrides]
-    return run(cmd, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"})
-
 
 def test_two_processes_train_to_the_end(small_shards, tmp_path):
     run_dir = tmp_path / "run"
@@ -53,7 +34,7 @@ def test_two_emulated_nodes_on_loopback(small_shards, tmp_path):
             [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
              "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "lsgan_mnist", *overrides],
-            cwd=REPO, env={**CPU_ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=process_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from models.recipes import get_recipe
+from models.recipes import make_recipe
 from tests.conftest import tiny_overrides
 from trainer.config import load_config
 from trainer.data import DataStream, expand_urls
-from trainer.engine import make_engine
+from trainer.setup import setup
 
 
 def recipe_for(overrides: list[str], config: str = "gan_mnist"):
     cfg = load_config(config, overrides)
-    return get_recipe(cfg.recipe.name)(cfg.recipe, cfg), cfg
+    return make_recipe(cfg), cfg
 
 
 def test_gan_losses():
@@ -50,11 +50,9 @@ def test_lsgan_losses_use_the_configured_targets():
 
 @pytest.mark.parametrize("name", ["gan", "lsgan"])
 def test_iteration_runs_k_d_steps_then_one_g_step_through_a_frozen_d(small_shards, tmp_path, name):
-    recipe, cfg = recipe_for(tiny_overrides(small_shards, tmp_path, **{"recipe.d_steps": 3}), f"{name}_mnist")
-    torch.manual_seed(0)
-    engine = make_engine(cfg)
-    nets = recipe.build()
-    engine.prepare(nets, {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in nets.items()})
+    cfg = load_config(f"{name}_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.d_steps": 3}))
+    job = setup(cfg)
+    engine, recipe = job.engine, job.recipe
     engine.data = DataStream(expand_urls(cfg.data.shards), cfg.data, rank=0, world=1, seed=0)
     snapshot = lambda net: [p.detach().clone() for p in net.parameters()]  # noqa: E731
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731

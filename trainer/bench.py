@@ -9,24 +9,26 @@ Two tables:
   and ZeRO's fp32 master copies, found by walking the tensors the model and the (ZeRO) optimizer
   own, counting each storage once.
 
-Nothing here is asserted: the numbers go to the terminal and to a JSON file.
+Nothing here is asserted: the numbers go to the terminal and to a JSON file. The CycleGAN step
+against a plain eager reference is trainer.stepbench (`--reference-step`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
+from trainer.config import load_config
+from trainer.data import ShardExamples, open_stream, stream_urls
 from trainer.engine import free_port
+from trainer.setup import setup
 from trainer.tracking import read_metrics
 
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
@@ -66,8 +68,6 @@ def throughput(config: str, overrides: list[str], processes: int, steps: int, cp
         result = subprocess.run(_launch(processes, args), env=_env(cpu, processes), capture_output=True, text=True)
         _check(result, f"throughput on {processes} process(es)")
         last = read_metrics(Path(tmp, "run"))[-1]
-    from trainer.config import load_config
-
     ips = last["perf/images_per_s"]
     return {"processes": processes, "images_per_s": ips,
             "ms_per_step": 1000 * load_config(config, overrides).images_per_step(processes) / ips}
@@ -110,32 +110,17 @@ def rank_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
 
 
 def memory_worker(out: str, config: str, overrides: list[str]) -> None:
-    """Under torchrun: build the engine, train one iteration, then measure after one more backward."""
-    from models.recipes import get_recipe
-    from trainer.config import load_config
-    from trainer.data import DataStream, expand_urls
-    from trainer.engine import DeepSpeedEngine, make_engine
-
+    """Under torchrun: set the job up, train one iteration (optimizer state is allocated on the
+    first step), then, in the second, measure each optimised network just before its optimizer
+    step, when its gradients exist: the same for every recipe, whatever its losses."""
     cfg = load_config(config, overrides)
-    engine = make_engine(cfg)
-    torch.manual_seed(cfg.seed)
-    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
-    nets = recipe.build()
-    engine.prepare(nets, {name: torch.optim.Adam(net.parameters(), lr=cfg.optim.g.lr) for name, net in nets.items()})
-    engine.data = DataStream(expand_urls(cfg.data.shards), cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed)
-    recipe.iteration(engine)  # optimizer state is allocated on the first step
-    report, batch = {}, engine.batch()
-    for name in engine.nets:  # the recipe's own losses, so conditional networks get their labels/captions
-        if name == "G":
-            with engine.frozen("D"):
-                loss = recipe.g_objective(engine, batch)[0]
-        else:
-            loss = recipe.d_objective(engine, batch)[0]
-        if isinstance(engine, DeepSpeedEngine):
-            engine.nets[name].backward(loss)
-        else:
-            engine.accelerator.backward(loss)
-        report[name] = rank_bytes(engine.module(name), engine.optimizers[name])
+    job = setup(cfg, ShardExamples(cfg))
+    engine = job.engine
+    engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed)
+    job.recipe.iteration(engine)
+    report: dict[str, dict[str, int]] = {}
+    engine.before_step.append(lambda name: report.setdefault(name, rank_bytes(engine.module(name), engine.optimizers[name])))
+    job.recipe.iteration(engine)
     if engine.is_main:
         Path(out).write_text(json.dumps({"world": engine.world, "networks": report}))
     engine.close()
@@ -188,131 +173,3 @@ def format_report(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     memory_worker(sys.argv[1], sys.argv[2], sys.argv[3:])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reference_cyclegan_step(nets: dict[str, torch.nn.Module], lr: float, betas: tuple[float, float],
-                            params: Any) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]]:
-    """The reference implementation's `CycleGANModel.optimize_parameters`, re-written plainly in eager
-    PyTorch over the same four networks: one Adam over both generators (itertools.chain) and one over
-    both discriminators, D frozen by requires_grad during the G step, two D backwards."""
-    from models.recipes.cyclegan import ImagePool
-
-    G_A, G_B, D_A, D_B = nets["G"]["AB"], nets["G"]["BA"], nets["D"]["B"], nets["D"]["A"]  # reference names
-    opt_G = torch.optim.Adam(itertools.chain(G_A.parameters(), G_B.parameters()), lr=lr, betas=betas)
-    opt_D = torch.optim.Adam(itertools.chain(D_A.parameters(), D_B.parameters()), lr=lr, betas=betas)
-    pool_A, pool_B = ImagePool(params.pool_size), ImagePool(params.pool_size)
-    mse, l1 = torch.nn.MSELoss(), torch.nn.L1Loss()
-    lambda_A, lambda_B, lambda_idt = params.lambda_a, params.lambda_b, params.lambda_identity
-
-    def gan_loss(pred: torch.Tensor, real: bool) -> torch.Tensor:
-        return mse(pred, torch.tensor(1.0 if real else 0.0, device=pred.device).expand_as(pred))
-
-    def backward_D_basic(netD: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        loss_D = (gan_loss(netD(real), True) + gan_loss(netD(fake.detach()), False)) * 0.5
-        loss_D.backward()
-        return loss_D
-
-    def step(real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
-        fake_B = G_A(real_A)
-        rec_A = G_B(fake_B)
-        fake_A = G_B(real_B)
-        rec_B = G_A(fake_A)
-        for net in (D_A, D_B):
-            net.requires_grad_(False)
-        opt_G.zero_grad()
-        loss_idt_A = l1(G_A(real_B), real_B) * lambda_B * lambda_idt
-        loss_idt_B = l1(G_B(real_A), real_A) * lambda_A * lambda_idt
-        loss_G = (gan_loss(D_A(fake_B), True) + gan_loss(D_B(fake_A), True) + l1(rec_A, real_A) * lambda_A
-                  + l1(rec_B, real_B) * lambda_B + loss_idt_A + loss_idt_B)
-        loss_G.backward()
-        opt_G.step()
-        for net in (D_A, D_B):
-            net.requires_grad_(True)
-        opt_D.zero_grad()
-        loss_D_A = backward_D_basic(D_A, real_B, pool_B.query(fake_B))
-        loss_D_B = backward_D_basic(D_B, real_A, pool_A.query(fake_A))
-        opt_D.step()
-        return {"loss_g": loss_G.item(), "loss_d": loss_D_A.item() + loss_D_B.item()}
-
-    return step
-
-
-def interleaved(steps: dict[str, Callable[[], dict[str, float]]], n: int,
-                device: torch.device) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
-    """Seconds per call of each step function, timed in turns (A, B, A, B, ...) so that both see the
-    same machine load, after one warm-up call each; and the warm-up calls' losses (the first step's)."""
-    first = {name: step() for name, step in steps.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(n):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times, first
-
-
-def cyclegan_step_bench(config: str, overrides: list[str], *, steps: int, out: Path) -> dict[str, Any]:
-    """One process: gannet's CycleGAN iteration on its engine vs the plain eager reference step, on
-    the same device, the same initial weights and the same in-memory batches (data loading excluded
-    from both). Both first steps see identical inputs, so their losses must agree: the check that
-    the two compute the same thing."""
-    from models.recipes import get_recipe
-    from trainer.config import load_config
-    from trainer.engine import make_engine
-
-    cfg = load_config(config, overrides)
-    engine = make_engine(cfg)
-    recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
-    torch.manual_seed(cfg.seed)
-    nets = recipe.build()
-    torch.manual_seed(cfg.seed)
-    reference_nets = {name: net.to(engine.device) for name, net in recipe.build().items()}  # the same weights
-    opt = cfg.optim.g
-    engine.prepare(nets, {n: torch.optim.Adam(m.parameters(), lr=opt.lr, betas=opt.betas) for n, m in nets.items()})
-    shape = (cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    batches = [(torch.rand(shape, generator=torch.Generator().manual_seed(i)) * 2 - 1).to(engine.device) for i in range(4)]
-
-    def batch_stream() -> Iterator[dict[str, torch.Tensor]]:
-        for i in itertools.count():
-            yield {"image": batches[i % 4], "image_b": batches[(i + 1) % 4]}
-
-    engine.data = batch_stream()
-    reference = reference_cyclegan_step(reference_nets, opt.lr, opt.betas, cfg.recipe)
-    ref_calls = itertools.count()
-
-    def reference_step() -> dict[str, float]:
-        i = next(ref_calls)
-        return reference(batches[i % 4], batches[(i + 1) % 4])
-
-    times, first = interleaved({"gannet": lambda: {k: v.item() for k, v in recipe.iteration(engine).items()},
-                                "reference": reference_step}, steps, engine.device)
-    ours, theirs, ours_first, theirs_first = times["gannet"], times["reference"], first["gannet"], first["reference"]
-    engine.close()
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    result = {
-        "config": config, "overrides": overrides, "device": device, "image_size": cfg.data.image_size,
-        "batch_size": cfg.data.batch_size, "steps_timed": steps,
-        "params": {name: sum(p.numel() for p in engine.module(name).parameters()) for name in ("G", "D")},
-        "gannet_ms": 1000 * median(ours), "reference_ms": 1000 * median(theirs),
-        "first_step_losses": {"gannet": {k: ours_first[k] for k in ("loss_g", "loss_d")}, "reference": theirs_first},
-    }
-    result["ratio"] = result["gannet_ms"] / result["reference_ms"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"gannet bench --reference-step: {config} {' '.join(overrides)} on {device}\n"
-          f"CycleGAN training step, {cfg.data.image_size} px, batch {cfg.data.batch_size} "
-          f"(G pair {result['params']['G']:,} and D pair {result['params']['D']:,} parameters), median of {steps}:\n"
-          f"  gannet (recipe on the engine) {result['gannet_ms']:9.1f} ms\n"
-          f"  reference (plain eager)       {result['reference_ms']:9.1f} ms\n"
-          f"  ratio gannet/reference        {result['ratio']:9.3f}\n"
-          f"  first-step losses: gannet G {ours_first['loss_g']:.6f} D {ours_first['loss_d']:.6f}, "
-          f"reference G {theirs_first['loss_g']:.6f} D {theirs_first['loss_d']:.6f}")
-    return result

@@ -1,4 +1,4 @@
-"""The `gannet` command line (the contract in DESIGN.md): train, resume, shards, sample.
+"""The `gannet` command line: train, resume, shards, sample, eval, bench (+ plugged-in commands: slurm).
 
 User mistakes (bad keys, missing files, exhausted error budgets) end in one line on stderr and
 exit code 2 (input) or 1 (run failed); tracebacks are kept for bugs.
@@ -10,7 +10,9 @@ import argparse
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable
 
 from trainer.config import CONFIG_DIR
 from trainer.errors import ConfigError, GannetError
@@ -28,7 +30,8 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """The parser, and every command's handler by name (gannet's own and plugged-in ones)."""
     parser = argparse.ArgumentParser(
         prog="gannet", description="Train GANs from YAML configs on a CPU, one GPU or many (Accelerate DDP or DeepSpeed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,12 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-step", action="store_true", help=(
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
-    add_slurm_parser(sub)
-    return parser
+    return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, commands = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after options: gannet slurm CONFIG --nodes 2 --gpus-per-node 8 train.steps=100
         if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     prepare_process()
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except GannetError as exc:
         print(f"gannet: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def prepare_process() -> None:
     """What every gannet process needs first (the CLI, and each task of a Slurm job)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    # DeepSpeed (imported by accelerate) must be told it is on a CPU, as DESIGN.md says; setting it
+    # DeepSpeed (imported by accelerate) must be told it is on a CPU (DS_ACCELERATOR=cpu); setting it
     # here, at the process entry point, also spares every CPU run a misleading detection warning.
     if not _cuda_present():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -222,17 +224,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from models.recipes import get_recipe
     from trainer.bench import run_bench
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
-    if not args.reference_step and not hasattr(get_recipe(cfg.recipe.name), "d_objective"):
-        raise ConfigError(f"gannet bench's throughput and memory tables measure one-G-one-D recipes; for {cfg.recipe.name} "
-                          f"use --reference-step (its training step against a plain eager reference)")
     if args.reference_step:
-        from trainer.bench import cyclegan_step_bench
+        from trainer.stepbench import cyclegan_step_bench
 
+        if cfg.recipe.name != "cyclegan":
+            raise ConfigError(f"--reference-step times the CycleGAN step against its reference; {args.config} is {cfg.recipe.name}")
         cyclegan_step_bench(args.config, args.overrides, steps=args.steps, out=args.out)
         return 0
     run_bench(args.config, args.overrides, processes=args.processes, world=args.world, steps=args.steps,
@@ -240,40 +240,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slurm", help="submit training to Slurm (submitit)", description=(
-        "Submit CONFIG to Slurm through submitit: one task per GPU, the same training entry point as `gannet train`, "
-        "resume=auto into a run directory fixed now, a checkpoint on Slurm's time-limit/preemption signal and a requeue. "
-        "Slurm logs and submitit files go to RUN_DIR/slurm/."))
-    p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="as for gannet train")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")
-    p.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: one per GPU; 1 on CPU)")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
-    p.add_argument("--constraint", default="")
-    p.add_argument("--mem", default="", help="memory per node, e.g. 64G")
-    p.add_argument("--cpus-per-task", type=int, default=0)
-    p.add_argument("--signal-delay-s", type=int, default=120, help="USR2 this long before the time limit (default 120)")
-    p.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2",
-                   help="a job array over these values (repeat for a product); each point trains into RUN_DIR/<key-value>/")
-    p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
-    p.add_argument("--sbatch", type=Path, metavar="FILE", help="write a plain sbatch script (srun + accelerate launch) instead")
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
 
 
-def cmd_slurm(args: argparse.Namespace) -> int:
-    from launch.slurm import SlurmSettings, submit
-
-    settings = SlurmSettings(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, partition=args.partition,
-        account=args.account, time=args.time, constraint=args.constraint, mem=args.mem, cpus_per_task=args.cpus_per_task,
-        signal_delay_s=args.signal_delay_s,
-    )
-    print(submit(args.config, args.overrides, settings, sweeps=args.sweep, dry_run=args.dry_run, sbatch=args.sbatch))
-    return 0
-
-
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
-            "slurm": cmd_slurm}
+def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Subcommands other packages add through the `gannet.commands` entry-point group (e.g. `slurm`
+    from gannet's own launch package): each entry point is a function that adds its subparser to
+    `sub` and returns the handler. Training code thus never imports its launchers."""
+    return {ep.name: ep.load()(sub) for ep in entry_points(group="gannet.commands")}

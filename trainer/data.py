@@ -1,6 +1,6 @@
 """The WebDataset stream: shards -> raw samples -> shuffle -> decode -> batches, resumable.
 
-Design (see DESIGN.md, "WebDataset rules"):
+Design (docs/architecture.md, "Data"):
 - Every epoch the shard list is permuted with the same seed on every rank, then split by rank and
   by loader worker, so one pass visits each shard once across the whole job (disjoint reads).
 - Each worker runs its own endless sequence of epochs; the stream has no end, the loop counts
@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from models.text import SentenceEncoder
 from trainer import preemption
-from trainer.config import DataConfig
+from trainer.schema import Config, DataConfig
 from trainer.errors import ConfigError, DataError
 
 log = logging.getLogger("gannet.data")
@@ -343,12 +343,27 @@ def first_images(urls: list[str], cfg: DataConfig, n: int) -> tuple[torch.Tensor
     return torch.stack(images), torch.stack(labels)
 
 
-def example_images(urls: list[list[str]], cfg: DataConfig, n: int) -> dict[str, torch.Tensor]:
-    """The first `n` readable images of each stream: the same real inputs for every sample grid of
-    a run (keys as in a batch)."""
-    return {key: first_images(paths, cfg, n)[0] for key, paths in zip(("image", "image_b"), urls)}
-
-
 def heldout_beside(shards: str) -> str:
     """`val-*.tar` in the folder of the first training shard: the held-out split `gannet shards` writes."""
     return str(Path(expand_urls(shards)[0]).parent / "val-*.tar")
+
+
+class ShardExamples:
+    """The run's real data as a recipe may read it (the `Examples` of the recipe contract): files
+    stay on this side, so recipes never open shards themselves."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def images(self, n: int) -> dict[str, torch.Tensor]:
+        """The first `n` readable images of each stream: the same real inputs for every sample grid
+        of a run (keys as in a batch)."""
+        return {key: first_images(paths, self.cfg.data, n)[0] for key, paths in zip(("image", "image_b"), stream_urls(self.cfg.data))}
+
+    def captions(self, n: int, source: str = "") -> list[tuple[str, int]]:
+        """Captions of `source`, else of the held-out split (unseen captions), else of the training shards."""
+        pattern = source or self.cfg.eval.heldout
+        if not pattern:
+            beside = heldout_beside(self.cfg.data.shards)
+            pattern = beside if glob.glob(beside) else self.cfg.data.shards
+        return first_captions(expand_urls(pattern), n)

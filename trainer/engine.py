@@ -2,7 +2,8 @@
 
 The engine does not know which GAN it runs. Recipes call `update(name, loss)` once per
 micro-batch and `frozen(name)` around a network used inside another network's update; the engine
-maps them onto one of two strategies (`train.strategy`), following the rules in DESIGN.md:
+maps them onto one of two strategies (`train.strategy`), following the distributed rules in
+docs/architecture.md:
 
 - `ddp`: Accelerate wraps each network in DDP (or nothing, on one process). BatchNorm buffers
   are not broadcast (D sees real and fake batches in separate forwards); gradients of all but the
@@ -23,14 +24,14 @@ import socket
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
-from trainer.config import Config, OptimConfig
+from trainer.schema import Config, OptimConfig
 
 
 def free_port() -> int:
@@ -57,6 +58,9 @@ class Engine:
         self.data: Iterator[dict[str, torch.Tensor]] | None = None
         self._micro: dict[str, int] = {}
         self.input_dtype = torch.float32
+        # Called with a network's name between its backward and its optimizer step, on the last
+        # micro-batch: the gradients and the optimizer state exist (bench's memory table reads them).
+        self.before_step: list[Callable[[str], None]] = []
 
     @property
     def rank(self) -> int:
@@ -75,7 +79,18 @@ class Engine:
         return self.accelerator.device
 
     def optim_config(self, name: str) -> OptimConfig:
+        """`optim.g` for G, `optim.d` for D: an optimised network's own settings."""
         return {"G": self.cfg.optim.g, "D": self.cfg.optim.d}[name]
+
+    # -- what callers outside the engine need of the processes ----------------------------------
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` averaged over ranks (every rank calls it)."""
+        return self.accelerator.reduce(values, "mean")
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's `values` concatenated along dim 0, in rank order (every rank calls it)."""
+        return self.accelerator.gather(values)
 
     # -- the Step interface recipes use -------------------------------------------------------
 
@@ -118,11 +133,29 @@ class Engine:
     # -- strategy-specific pieces ---------------------------------------------------------------
 
     def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+        """Wrap each network that has an optimizer; move the others (an EMA copy) to the device as
+        they are, without gradients: the recipe maintains them, checkpoints keep them."""
+        for name, net in nets.items():
+            if name not in optimizers:
+                self.nets[name] = net.to(self.device, self.input_dtype).requires_grad_(False)
+        self._prepare({name: nets[name] for name in optimizers}, optimizers)
+        self.nets = {name: self.nets[name] for name in nets}  # the recipe's order (checkpoints list it)
+
+    def _prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         raise NotImplementedError
 
     def module(self, name: str) -> nn.Module:
         """The plain network (for state dicts); forwards go through `self.nets[name]`."""
+        if name not in self.optimizers:
+            return self.nets[name]
+        return self._unwrap(name)
+
+    def _unwrap(self, name: str) -> nn.Module:
         raise NotImplementedError
+
+    def _before_step(self, name: str) -> None:
+        for hook in self.before_step:
+            hook(name)
 
     def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         """Complete weights of every network on every rank (ZeRO-3 gathers; call on all ranks)."""
@@ -142,7 +175,8 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        """End cleanly: a barrier, then tear the process group down (DESIGN.md rule 9)."""
+        """End cleanly: a barrier, then tear the process group down (DDP processes on CPU otherwise
+        crash in teardown about one run in 15)."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -152,15 +186,15 @@ class Engine:
 class DDPEngine(Engine):
     """Accelerate + DDP (or a single process): the default strategy."""
 
-    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+    def _prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         names = list(nets)
         with warnings.catch_warnings():  # torch deprecates broadcast_buffers but says to keep it until init_sync_buffers exists
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             wrapped = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
-        self.nets = dict(zip(names, wrapped[: len(names)]))
+        self.nets.update(zip(names, wrapped[: len(names)]))
         self.optimizers = dict(zip(names, wrapped[len(names) :]))
 
-    def module(self, name: str) -> nn.Module:
+    def _unwrap(self, name: str) -> nn.Module:
         return self.accelerator.unwrap_model(self.nets[name])
 
     def _no_sync(self, name: str) -> Any:
@@ -176,6 +210,7 @@ class DDPEngine(Engine):
         self._micro[name] = self._micro.get(name, 0) + 1
         if not boundary:
             return
+        self._before_step(name)
         clip = self.optim_config(name).clip_grad
         if clip > 0:
             self.accelerator.clip_grad_norm_(self.nets[name].parameters(), clip)
@@ -232,7 +267,7 @@ class DeepSpeedEngine(Engine):
             "wall_clock_breakdown": False,
         }
 
-    def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+    def _prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
         import deepspeed
 
         for name, net in nets.items():
@@ -242,12 +277,14 @@ class DeepSpeedEngine(Engine):
             engine, optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizers[name], config=self.ds_config(name))
             self.nets[name], self.optimizers[name] = engine, optimizer
 
-    def module(self, name: str) -> nn.Module:
+    def _unwrap(self, name: str) -> nn.Module:
         return self.nets[name].module
 
     def update(self, name: str, loss: torch.Tensor) -> None:
         engine = self.nets[name]
         engine.backward(loss)
+        if self.is_boundary(name):
+            self._before_step(name)
         engine.step()  # a real optimizer step only at the accumulation boundary
         self._micro[name] = self._micro.get(name, 0) + 1
 
@@ -257,23 +294,27 @@ class DeepSpeedEngine(Engine):
         out = {}
         for name in self.nets:
             module = self.module(name)
-            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) \
-                if self.optim_config(name).zero_stage == 3 else nullcontext()
+            sharded = name in self.optimizers and self.optim_config(name).zero_stage == 3
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if sharded else nullcontext()
             with gather:
                 out[name] = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"deepspeed": sorted(self.nets)}
+        return {"deepspeed": sorted(self.optimizers)}
 
     def save_files(self, tmp_dir: Path) -> None:
         """Each engine saves its own (partitioned) state in DeepSpeed's format, on every rank."""
-        for name, engine in self.nets.items():
+        for name in self.optimizers:
+            engine = self.nets[name]
             engine.save_checkpoint(str(tmp_dir / f"deepspeed_{name}"), tag="state", save_latest=False)
 
     def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        for name, engine in self.nets.items():
-            engine.load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
+        for name, state in weights.items():  # networks without an engine (an EMA copy): from the weights
+            if name not in self.optimizers:
+                self.nets[name].load_state_dict(state)
+        for name in self.optimizers:
+            self.nets[name].load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
 
 

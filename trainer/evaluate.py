@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.recipes.base import Recipe
 from trainer.captions import attribute_agreement
-from trainer.config import Config
+from trainer.schema import Config
 from trainer.data import expand_urls, first_images, heldout_beside
 from trainer.errors import ConfigError, GannetError
 from trainer.images import save_grid
@@ -141,7 +142,7 @@ def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Te
     return out
 
 
-def equilibrium(run_dir: Path, recipe: Any, window: int = 10) -> dict[str, Any]:
+def equilibrium(run_dir: Path, recipe: Recipe, window: int = 10) -> dict[str, Any]:
     """Recent D statistics against the game's equilibrium, with warnings a user can act on."""
     rows = [r for r in read_metrics(run_dir) if "train/loss_d" in r][-window:]  # eval records share the file
     recent = {k: float(np.mean([r[f"train/{k}"] for r in rows])) for k in ("loss_d", "loss_g", "d_real", "d_fake")}
@@ -206,23 +207,24 @@ class Evaluator:
         return out
 
 
-def generate(recipe: Any, nets: dict[str, nn.Module], n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def generate(recipe: Recipe, nets: dict[str, nn.Module], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """n samples in chunks (on the CPU), from noise seeded apart from the training grids' fixed
-    noise, and the non-noise inputs behind them (classes, prompt indices) for conditional runs."""
+    noise; for conditional runs also the class each was asked for (-1 = none) and its caption."""
     noise = torch.Generator().manual_seed(seed)
-    images, inputs = [], []
+    images, labels, captions = [], [], []
     with torch.no_grad():
         for part in torch.arange(n).split(250):
-            inputs.append(recipe.fixed_inputs(len(part), noise))
-            images.append(recipe.generate(nets, inputs[-1]))
-    conditions = {k: torch.cat([i[k] for i in inputs]) for k in inputs[0] if k in ("label", "prompt")}
-    return torch.cat(images), conditions
+            inputs = recipe.fixed_inputs(len(part), noise)
+            images.append(recipe.generate(nets, inputs))
+            labels += [inputs["label"]] if "label" in inputs else []
+            captions += recipe.captions(inputs)
+    return torch.cat(images), torch.cat(labels) if labels else None, captions
 
 
-def caption_agreement(recipe: Any, images: torch.Tensor, prompt_index: torch.Tensor) -> dict[str, float]:
+def caption_agreement(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Text-to-image on 28-px digits: do the strokes, slant and width follow the caption's words?"""
     pixels = ((images[:, 0].float() + 1) * 127.5).clamp(0, 255).numpy()
-    return attribute_agreement(pixels, [recipe.prompts[i][0] for i in prompt_index.tolist()])
+    return attribute_agreement(pixels, captions)
 
 
 def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
@@ -230,7 +232,7 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
     memorization grid and the report for the last of them."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
-    if hasattr(recipe, "translate"):
+    if recipe.translates:
         raise GannetError(f"gannet eval scores generators of noise (optionally with labels or captions); {run_dir} is an "
                           f"image-translation run ({cfg.recipe.name}), which it does not score yet: see its samples/ grids, "
                           f"or translate held-out images with gannet sample RUN --direction AtoB --input DIR --out DIR")
@@ -242,10 +244,10 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     over_steps = []
     for step in wanted:
         nets = load_networks(recipe, kept[step])
-        generated, conditions = generate(recipe, nets, cfg.eval.samples, seed=12345)
-        scores = evaluator.score(generated, conditions.get("label"))
-        if "prompt" in conditions and cfg.data.image_size == 28 and cfg.data.channels == 1:
-            scores["caption_agreement"] = caption_agreement(recipe, generated, conditions["prompt"])
+        generated, labels, captions = generate(recipe, nets, cfg.eval.samples, seed=12345)
+        scores = evaluator.score(generated, labels)
+        if recipe.condition == "text" and cfg.data.image_size == 28 and cfg.data.channels == 1:
+            scores["caption_agreement"] = caption_agreement(generated, captions)
         over_steps.append({"step": step, **Evaluator.scalars(scores)})
     result = {"checkpoint": kept[wanted[-1]].name, **scores, "over_steps": over_steps,
               "equilibrium": equilibrium(run_dir, recipe)}

@@ -11,18 +11,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from models.recipes import get_recipe
+from models.recipes import make_recipe
+from models.recipes.base import Recipe
 from trainer.checkpoint import list_checkpoints
-from trainer.config import Config, config_from_dict
+from trainer.config import config_from_dict
+from trainer.schema import Config
 from trainer.errors import GannetError
-from trainer.data import decode_image_sample
+from trainer.data import ShardExamples, decode_image_sample
 from trainer.images import grid_array, save_grid
 from trainer.shards import image_fields, image_files
 
 
-def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Any, dict[int, Path]]:
-    """The run's saved config (eval settings optionally overridden), its recipe, and its kept
-    checkpoints by step."""
+def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Recipe, dict[int, Path]]:
+    """The run's saved config (eval settings optionally overridden), its recipe (reading the run's
+    data where it needs examples or prompts), and its kept checkpoints by step."""
     config_file = run_dir / "config.yaml"
     kept = {int(p.name.split("-")[1]): p for p in list_checkpoints(run_dir)}
     if not config_file.is_file() or not kept:
@@ -30,10 +32,10 @@ def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tup
     raw = yaml.safe_load(config_file.read_text())
     raw.setdefault("eval", {}).update(eval_overrides or {})
     cfg = config_from_dict(raw)
-    return cfg, get_recipe(cfg.recipe.name)(cfg.recipe, cfg), kept
+    return cfg, make_recipe(cfg, ShardExamples(cfg)), kept
 
 
-def load_networks(recipe: Any, checkpoint: Path) -> dict[str, nn.Module]:
+def load_networks(recipe: Recipe, checkpoint: Path) -> dict[str, nn.Module]:
     """The recipe's networks with a checkpoint's weights, in eval mode."""
     nets = recipe.build()
     for name, net in nets.items():
@@ -49,10 +51,12 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
     (rows: noise vectors; columns: `interpolate` steps from the first caption to the second), for a
     text-to-image GAN."""
     cfg, recipe, kept = open_run(run_dir)
-    condition = getattr(recipe, "condition", "")
-    if label is not None and condition != "label":
+    if recipe.translates:
+        raise GannetError(f"{run_dir} trained {cfg.recipe.name}, which translates real images and does not sample noise: "
+                          f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
+    if label is not None and recipe.condition != "label":
         raise GannetError(f"--label needs a class-conditional run (recipe cgan); {run_dir} is {cfg.recipe.name}")
-    if texts and condition != "text":
+    if texts and recipe.condition != "text":
         raise GannetError(f"--text needs a text-to-image run (recipe t2i); {run_dir} is {cfg.recipe.name}")
     if texts and len(texts) > 2:
         raise GannetError("--text: give one caption, or two to interpolate between")
@@ -81,7 +85,7 @@ def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Pa
     """Translate every image in INPUT_DIR with RUN_DIR's latest generator for `direction` (AtoB or
     BtoA): each is resized to the run's image size, as in training, and written as OUT_DIR/NAME.png."""
     cfg, recipe, kept = open_run(run_dir)
-    if not hasattr(recipe, "translate"):
+    if not recipe.translates:
         raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
     files = image_files(input_dir)
     images = torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trainer.config import Config, config_to_dict
+from trainer.config import config_to_dict
+from trainer.schema import Config
 
 log = logging.getLogger("gannet")
 

@@ -1,28 +1,54 @@
-"""Recipe registry: `recipe.name` in a config picks the module that defines the GAN.
+"""Recipe registry: `recipe.name` in a config picks the registered recipe that defines the GAN.
 
-A recipe builds its networks, says how one training iteration updates them, and keeps any
-state of its own (e.g. an image pool); it never touches devices, process groups or files.
-Adding a GAN variant = one module here (decorated with `@register`) + one YAML in configs/.
+Recipes are discovered: every module in this package is imported the first time a recipe is
+looked up, and a module registers its recipe with `@register`. Adding a GAN is one module here
+plus one YAML in configs/; no list is edited anywhere (docs/architecture.md walks through one).
+The contract a recipe implements is `models.recipes.base.Recipe`.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
 from trainer.errors import ConfigError
 
-RECIPES: dict[str, type] = {}
-_MODULES = ("models.recipes.gan", "models.recipes.lsgan", "models.recipes.cgan", "models.recipes.t2i", "models.recipes.cyclegan")
+if TYPE_CHECKING:
+    from models.recipes.base import Examples, Recipe
+    from trainer.schema import Config
+
+RECIPES: dict[str, type[Recipe]] = {}
 
 
-def register(cls: type) -> type:
-    RECIPES[cls.Params.name] = cls
+def register(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator: make `cls` selectable as `recipe.name: <cls.Params.name>`."""
+    from models.recipes.base import Recipe, RecipeParams
+
+    if not (isinstance(cls, type) and issubclass(cls, Recipe) and issubclass(cls.Params, RecipeParams)):
+        raise TypeError(f"{cls!r}: a registered recipe subclasses models.recipes.base.Recipe, with Params a RecipeParams")
+    name = cls.Params.name
+    if not name or (name in RECIPES and RECIPES[name] is not cls):
+        raise TypeError(f"{cls.__name__}: recipe name {name!r} is empty or already taken by {RECIPES.get(name)!r}")
+    RECIPES[name] = cls
     return cls
 
 
-def get_recipe(name: str) -> type:
-    for module in _MODULES:
-        importlib.import_module(module)
-    if name not in RECIPES:
-        raise ConfigError(f"recipe.name={name!r} is not a known recipe (choose one of: {', '.join(sorted(RECIPES))})")
-    return RECIPES[name]
+def discover() -> dict[str, type[Recipe]]:
+    """Import every module of this package (each registers its recipes); the registry, by name."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    return RECIPES
+
+
+def get_recipe(name: str) -> type[Recipe]:
+    recipes = discover()
+    if name not in recipes:
+        raise ConfigError(f"recipe.name={name!r} is not a known recipe (choose one of: {', '.join(sorted(recipes))})")
+    return recipes[name]
+
+
+def make_recipe(cfg: Config, examples: Examples | None = None) -> Recipe:
+    """The recipe `cfg.recipe` names, with its typed params; `examples` is the run's data."""
+    return get_recipe(cfg.recipe.name)(cfg.recipe, cfg, examples)

@@ -1,27 +1,39 @@
-"""What a recipe sees of the engine, and the adversarial iteration most GANs share.
+"""The recipe contract: everything a GAN recipe may and must do (docs/architecture.md shows it at work).
 
-`Step` is the whole interface between a recipe and the distributed engine: the wrapped networks,
-a fresh real batch, noise, `update` (backward + optimizer step, however the engine does it), and
-`frozen` (a network used inside another network's update, with no gradient of its own).
-`update` is called once per micro-batch with the plain loss; the engine scales it for gradient
-accumulation and steps the optimizer on the last micro-batch.
+A recipe is the GAN: which networks exist, how one training iteration updates them, what a sample
+is made from, and what state it keeps beyond the networks. It sees the rest of gannet through two
+narrow interfaces declared here, so it never touches devices, process groups or files:
+
+- `Step`, during an iteration: the wrapped networks, a fresh real batch, noise, `update` (backward
+  + optimizer step, however the engine does it) and `frozen` (a network used inside another
+  network's update, with no gradient of its own). `update` is called once per micro-batch with the
+  plain loss; the engine scales it for gradient accumulation and steps on the last micro-batch.
+- `Examples`, the run's real data as far as a recipe may read it (the first real images for grids
+  of translations, the captions that prompt a text-to-image grid); the loop, the sampler and the
+  evaluator hand it over.
+
+The loop, sampler, evaluator and bench call only what `Recipe` declares, and read the declared
+capabilities (`condition`, `translates`, `optimized`) instead of probing for methods.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, Protocol
+from typing import ClassVar, Literal, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from models import networks
-from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, GannetError
+from trainer.schema import Config
 
 
 class Step(Protocol):
+    """What a recipe sees of the engine inside `iteration`."""
+
     nets: Mapping[str, nn.Module]
     accumulation: int  # micro-batches per optimizer step: call `update` this many times per step
 
@@ -34,31 +46,139 @@ class Step(Protocol):
     def frozen(self, name: str) -> AbstractContextManager: ...
 
 
+class Examples(Protocol):
+    """The run's real data, read for a recipe by whoever runs it (trainer.data.ShardExamples)."""
+
+    def images(self, n: int) -> dict[str, torch.Tensor]:
+        """The first `n` readable images of each stream, keys as in a batch (`image`, `image_b`)."""
+        ...
+
+    def captions(self, n: int, source: str = "") -> list[tuple[str, int]]:
+        """(caption, class or -1) of the first `n` captioned samples of `source` (a shard pattern;
+        "" = the run's held-out split, else its training shards)."""
+        ...
+
+
 @dataclass
-class AdversarialParams:
+class RecipeParams:
+    """The `recipe:` section of a config. Each recipe subclasses it with its own typed fields."""
+
     name: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Reject values that type-check but cannot work (called when the config loads)."""
+
+    @property
+    def batches_per_step(self) -> int:
+        """Real batches one generator step draws (before accumulation): what images/s counts."""
+        return 1
+
+
+class Recipe(ABC):
+    """A GAN. Subclass it, decorate the subclass with `models.recipes.register`, and give it a
+    `Params` dataclass whose `name` is what `recipe.name` selects in a config.
+
+    Declared capabilities, read by the loop, sampler, evaluator and bench:
+    - `condition`: what G draws from besides noise: "" (nothing), "label" (a class: `gannet sample
+      --label`) or "text" (a caption: `--text`, which needs `encode`).
+    - `translates`: G maps images to images (CycleGAN): sampling takes `--direction`, not noise.
+    - `optimized`: the networks of `build()` that get an optimizer, an LR schedule and a
+      distributed wrapper. Any other network `build()` returns (an EMA copy of G, say) is the
+      recipe's own to maintain inside `iteration`: the engine moves it to the device, never gives it
+      gradients, and checkpoints restore it like the others.
+    """
+
+    Params: ClassVar[type[RecipeParams]] = RecipeParams
+    condition: ClassVar[Literal["", "label", "text"]] = ""
+    translates: ClassVar[bool] = False
+    optimized: ClassVar[tuple[str, ...]] = ("G", "D")
+
+    def __init__(self, params: RecipeParams, cfg: Config, examples: Examples | None = None):
+        self.params = params
+        self.cfg = cfg
+        self.examples = examples
+
+    @abstractmethod
+    def build(self) -> dict[str, nn.Module]:
+        """Fresh networks, by name; the caller seeds the RNG first, so every rank builds the same."""
+
+    @abstractmethod
+    def iteration(self, step: Step) -> dict[str, torch.Tensor]:
+        """One generator step and what preceded it. Returns what the dashboards show: scalar
+        tensors are averaged over ranks and logged as `train/<key>`; tensors with a batch dimension
+        are rank 0's values, shown as W&B histograms."""
+
+    @abstractmethod
+    def equilibrium(self) -> dict[str, float]:
+        """Where the game settles when G matches the data (`loss_d`, `d_real`, `d_fake`), and
+        `separation`: the largest gap between D(x) and D(G(z)) a perfect discriminator reaches."""
+
+    @abstractmethod
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Inputs for `n` samples (noise from `generator`; classes, prompts or real images): behind
+        every sample grid of a run, and every evaluation. Integer `label` (-1 = none) and `prompt`
+        entries are what the evaluator scores a sample against."""
+
+    @abstractmethod
+    def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Images from `fixed_inputs`-style inputs (no gradients; networks in eval mode)."""
+
+    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        """What each sample of `inputs` was asked to show, in words: the prompts table beside a
+        grid, and the captions `gannet eval` checks the samples against. None without a condition."""
+        del inputs
+        return []
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Caption embeddings for G (recipes with condition "text" must implement it)."""
+        raise GannetError(f"recipe {self.params.name} does not draw from captions")
+
+    def translate(self, nets: Mapping[str, nn.Module], images: torch.Tensor, direction: str) -> torch.Tensor:
+        """`gannet sample RUN --direction AtoB|BtoA` (recipes that declare `translates`)."""
+        raise GannetError(f"recipe {self.params.name} does not translate images")
+
+    def state_dict(self) -> dict:
+        """This rank's recipe state beyond the networks (an image pool, a counter). Checkpoints keep
+        it per rank: each rank's pool holds its own past fakes."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+    def require_examples(self) -> Examples:
+        """The run's data, or a clear error where the caller gave none."""
+        if self.examples is None:
+            raise GannetError(f"recipe {self.params.name} reads the run's data here, and none was given")
+        return self.examples
+
+
+@dataclass
+class AdversarialParams(RecipeParams):
     d_steps: int = 1  # k discriminator steps per generator step (Goodfellow et al., Algorithm 1)
 
     def validate(self) -> None:
         if self.d_steps < 1:
             raise ConfigError(f"recipe.d_steps={self.d_steps} must be >= 1")
 
+    @property
+    def batches_per_step(self) -> int:
+        return self.d_steps
 
-class AdversarialRecipe:
+
+class AdversarialRecipe(Recipe):
     """One generator G(z) against one discriminator D(x), trained by Algorithm 1 of the GAN paper.
 
     Each iteration: k times, a real minibatch and a noise minibatch update D; then a fresh noise
-    minibatch updates G through a frozen D. Subclasses supply the losses (and, for conditional
-    GANs, the conditions or whole objectives), so the minimax GAN, the non-saturating GAN, LSGAN,
-    the conditional GAN and the text-to-image GAN share one, tested, update order.
+    minibatch updates G through a frozen D. Subclasses supply the losses, and optionally:
+    - `conditions`: what G and D see besides z and the image (class labels, caption embeddings);
+    - `d_objective` / `g_objective`: whole objectives, for games with more terms (GAN-CLS);
+    - `d_penalty`: a regulariser that sees D's inputs (R1, WGAN-GP), added to D's loss;
+    - `after_g_step`: work after G's update (an EMA copy of G).
+    So the minimax and non-saturating GAN, LSGAN, the conditional GAN and the text-to-image GAN
+    share one, tested, update order.
     """
 
-    Params: ClassVar[type] = AdversarialParams
-    condition: ClassVar[str] = ""  # what G is conditioned on besides z: "", "label" or "text"
-
-    def __init__(self, params: AdversarialParams, cfg: Config):
-        self.params = params
-        self.cfg = cfg
+    Params: ClassVar[type[RecipeParams]] = AdversarialParams
 
     def build(self) -> dict[str, nn.Module]:
         model, data = self.cfg.model, self.cfg.data
@@ -67,16 +187,13 @@ class AdversarialRecipe:
             "D": networks.build(networks.DISCRIMINATORS, model.discriminator, model, data),
         }
 
+    @abstractmethod
     def d_loss(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """D's loss from its outputs on real and fake images (fp32)."""
 
+    @abstractmethod
     def g_loss(self, fake_out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def equilibrium(self) -> dict[str, float]:
-        """Where the game settles when G matches the data (D can no longer tell), and `separation`:
-        the largest gap between D(x) and D(G(z)) a perfect discriminator reaches."""
-        raise NotImplementedError
+        """G's loss from D's outputs on its fakes (fp32)."""
 
     def d_stat(self, out: torch.Tensor) -> torch.Tensor:
         """What the dashboards call D(x): a probability for the GAN, the raw score for LSGAN."""
@@ -88,6 +205,17 @@ class AdversarialRecipe:
         del inputs
         return ()
 
+    def d_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                  cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A term added to D's loss that needs D's inputs (a gradient penalty runs its own forward
+        on them), and what it reports; (None, {}) = no penalty. `fake` is detached."""
+        del D, real, fake, cond
+        return None, {}
+
+    def after_g_step(self, step: Step) -> None:
+        """Called at the end of every iteration, after G's optimizer step (e.g. to average G)."""
+        del step
+
     def d_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """D's loss on one real batch and as many fresh fakes, and the D outputs the dashboards show."""
         G, D, cond = step.nets["G"], step.nets["D"], self.conditions(batch)
@@ -95,7 +223,15 @@ class AdversarialRecipe:
         with torch.no_grad():
             fake = G(step.noise(real.shape[0], self.cfg.model.z_dim), *cond)
         real_out, fake_out = D(real, *cond).float(), D(fake, *cond).float()  # losses in fp32 under bf16/fp16
-        return self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out)
+        return self.with_penalty(self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out), D, real, fake, cond)
+
+    def with_penalty(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], D: nn.Module, real: torch.Tensor,
+                     fake: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss plus `d_penalty` (what every D objective ends with, the recipe's own included)."""
+        penalty, penalty_stats = self.d_penalty(D, real, fake, cond)
+        if penalty is None:
+            return loss, stats
+        return loss + penalty, {**stats, **penalty_stats}
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:
         """D(x) and D(G(z)) for the dashboards: the statistics, and the raw outputs as histograms."""
@@ -110,9 +246,7 @@ class AdversarialRecipe:
         return self.g_loss(gen_out), {}
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
-        """One generator step (after k D-steps). Returns what the dashboards show, by convention for
-        every recipe: scalar tensors are averaged over ranks and logged as `train/<key>`; tensors with
-        a batch dimension (here D's raw outputs) are rank 0's values, shown as W&B histograms."""
+        """k D-steps, then one G-step through a frozen D (the contract's return convention)."""
         for _ in range(self.params.d_steps):
             for _ in range(step.accumulation):  # micro-batches; the engine steps on the last one
                 batch = step.batch()
@@ -122,28 +256,12 @@ class AdversarialRecipe:
             for _ in range(step.accumulation):
                 loss_g, g_stats = self.g_objective(step, batch)
                 step.update("G", loss_g)
+        self.after_g_step(step)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **d_stats, **g_stats}
 
-    def fixed_inputs(self, n: int, generator: torch.Generator,
-                     examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        """The inputs behind every sample grid of a run: drawn once from the run's seed. `examples(n)`
-        reads n real images of the run's data (keys as in a batch), for recipes whose inputs are
-        images; the loop passes it, noise-driven recipes never call it."""
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Noise drawn from `generator` (conditional recipes add their conditions)."""
         return {"z": torch.randn(n, self.cfg.model.z_dim, generator=generator)}
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return nets["G"](inputs["z"], *self.conditions(inputs))
-
-    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
-        """What each sample of `inputs` was asked to show, in words (none for unconditional GANs):
-        the prompts table beside the sample grid."""
-        del inputs
-        return []
-
-    def state_dict(self) -> dict:
-        """This rank's recipe state beyond the networks (none here; CycleGAN's image pools, say).
-        Checkpoints keep it per rank: each rank's pools hold its own past fakes."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        del state

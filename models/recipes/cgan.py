@@ -10,7 +10,7 @@ judges real and fake images of the same classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class ConditionalGAN(GAN):
                             f"sample (the .cls field); got labels {label.min().item()}..{label.max().item()}")
         return (label,)
 
-    def fixed_inputs(self, n: int, generator: torch.Generator, examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Noise plus classes in turn (0, 1, ..., 9, 0, ...): grids and evaluations cover every class."""
         return {**super().fixed_inputs(n, generator), "label": torch.arange(n) % self.cfg.model.num_classes}
 

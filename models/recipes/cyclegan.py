@@ -24,7 +24,7 @@ engine per optimizer keeps DDP and DeepSpeed on the same path. Checkpoints, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +32,16 @@ from torch import nn
 
 from models import networks
 from models.recipes import register
-from models.recipes.base import Step
-from trainer.config import Config
-from trainer.errors import ConfigError, GannetError
+from models.recipes.base import Examples, Recipe, RecipeParams, Step
+from trainer.errors import ConfigError
+from trainer.schema import Config
 
 DIRECTIONS = {"AtoB": "AB", "BtoA": "BA"}
 
 
 @dataclass
-class CycleGANParams:
+class CycleGANParams(RecipeParams):
     name: ClassVar[str] = "cyclegan"
-    d_steps: ClassVar[int] = 1  # one D step per G step (what Config.images_per_step counts)
     lambda_a: float = 10.0  # weight of the cycle loss A -> B -> A
     lambda_b: float = 10.0  # weight of the cycle loss B -> A -> B
     lambda_identity: float = 0.5  # identity loss weight as a fraction of lambda_a/lambda_b (0 = off)
@@ -96,14 +95,15 @@ def lsgan(out: torch.Tensor, target: float) -> torch.Tensor:
 
 
 @register
-class CycleGAN:
-    Params: ClassVar[type] = CycleGANParams
+class CycleGAN(Recipe):
+    Params = CycleGANParams
+    translates = True
 
-    def __init__(self, params: CycleGANParams, cfg: Config):
+    def __init__(self, params: CycleGANParams, cfg: Config, examples: Examples | None = None):
         if not cfg.data.shards_b:
             raise ConfigError("recipe cyclegan needs unpaired data: data.shards (domain A) and data.shards_b (domain B); "
                               "write them with `gannet shards unpaired --a DIR --b DIR --out DIR`")
-        self.params, self.cfg = params, cfg
+        super().__init__(params, cfg, examples)
         self.pools = {"A": ImagePool(params.pool_size), "B": ImagePool(params.pool_size)}
 
     def build(self) -> dict[str, nn.Module]:
@@ -153,14 +153,10 @@ class CycleGAN:
         """LSGAN with targets 0/1: D answers 1/2 when it cannot tell; loss_d sums both discriminators."""
         return {"loss_d": 0.5, "d_real": 0.5, "d_fake": 0.5, "separation": 1.0}
 
-    def fixed_inputs(self, n: int, generator: torch.Generator,
-                     examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Real images, half from each domain: the grid shows a | G_AB(a) | G_BA(G_AB(a)) and the same from b."""
         del generator
-        if examples is None:
-            raise GannetError("CycleGAN translates real images, it does not sample noise: use "
-                              "`gannet sample RUN --direction AtoB --input DIR --out DIR`")
-        return examples(max(n // 2, 1))
+        return self.require_examples().images(max(n // 2, 1))
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One wide image per input: the real image, its translation, and the translation back."""
@@ -170,11 +166,6 @@ class CycleGAN:
             fake = G(real, there)
             rows.append(torch.cat([real, fake, G(fake, back)], dim=-1))
         return torch.cat(rows)
-
-    def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
-        """Grids of translations need no prompts (the recipe interface asks every recipe)."""
-        del inputs
-        return []
 
     def translate(self, nets: Mapping[str, nn.Module], images: torch.Tensor, direction: str) -> torch.Tensor:
         """`gannet sample RUN --direction AtoB|BtoA`: one generator applied to a batch of real images."""

@@ -18,10 +18,9 @@ The mismatched caption of a sample is its batch neighbour's (the batch rolled by
 
 from __future__ import annotations
 
-import glob
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,6 @@ from models.recipes.base import Step
 from models.recipes.cgan import check_networks
 from models.recipes.gan import GAN, GANParams
 from models.text import SentenceEncoder
-from trainer.data import expand_urls, first_captions, heldout_beside
 from trainer.errors import ConfigError
 
 
@@ -44,7 +42,9 @@ class T2IParams(GANParams):
     interpolate: bool = False  # GAN-INT: G also trains on interpolated caption embeddings
     int_beta: float = 0.5
     kl_weight: float = 1.0  # conditioning augmentation's KL weight (used when model.cond_aug=true)
-    prompts: str = ""  # shards the fixed sample-grid prompts come from; default: val-*.tar beside data.shards, else data.shards
+    # shards the fixed sample-grid prompts come from; default: the held-out split (eval.heldout, else
+    # val-*.tar beside data.shards), else data.shards
+    prompts: str = ""
 
     def validate(self) -> None:
         super().validate()
@@ -58,8 +58,8 @@ class TextToImageGAN(GAN):
     condition = "text"
     PROMPT_POOL = 1000  # fixed prompts read once; grids and evaluations draw from them
 
-    def __init__(self, params: T2IParams, cfg):
-        super().__init__(params, cfg)
+    def __init__(self, params: T2IParams, cfg, examples=None):
+        super().__init__(params, cfg, examples)
         if not cfg.data.text_encoder:
             raise ConfigError("recipe.name=t2i needs data.text_encoder (minilm for the bundled all-MiniLM-L6-v2, "
                               "a local Hugging Face model folder, or hashed)")
@@ -84,11 +84,11 @@ class TextToImageGAN(GAN):
         fake_term = F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
         stats = self.d_outputs(real_out, fake_out)
         if not self.params.mismatch:
-            return 0.5 * (real_term + fake_term), stats
+            return self.with_penalty(0.5 * (real_term + fake_term), stats, D, real, fake, (text,))
         wrong_out = D(real, text.roll(1, dims=0)).float()
         wrong_term = F.binary_cross_entropy_with_logits(wrong_out, torch.zeros_like(wrong_out))
         stats.update(d_wrong=self.d_stat(wrong_out.detach()), loss_d_mismatch=wrong_term.detach())
-        return 0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats
+        return self.with_penalty(0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats, D, real, fake, (text,))
 
     def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         G, D, text = step.nets["G"], step.nets["D"], batch["text_emb"]
@@ -118,16 +118,12 @@ class TextToImageGAN(GAN):
 
     @property
     def prompts(self) -> list[tuple[str, int]]:
-        """(caption, class or -1) pairs for sample grids and evaluation, read once from the shards."""
+        """(caption, class or -1) pairs for sample grids and evaluation, read once from the run's data."""
         if self._prompts is None:
-            pattern = self.params.prompts or self.cfg.eval.heldout
-            if not pattern:  # unseen captions from the held-out split beside the shards, else the training ones
-                beside = heldout_beside(self.cfg.data.shards)
-                pattern = beside if glob.glob(beside) else self.cfg.data.shards
-            self._prompts = first_captions(expand_urls(pattern), self.PROMPT_POOL)
+            self._prompts = self.require_examples().captions(self.PROMPT_POOL, self.params.prompts)
         return self._prompts
 
-    def fixed_inputs(self, n: int, generator: torch.Generator, examples: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Noise plus prompts drawn from the prompt pool; `label` is the prompt's class (-1 if none),
         and `prompt` its index, for scoring and captioning the outputs."""
         index = torch.randint(len(self.prompts), (n,), generator=generator)

@@ -1,0 +1,121 @@
+"""The typed config sections: plain dataclasses and nothing else.
+
+A leaf module (it imports nothing from gannet), so that networks and recipes in models/ can be
+typed against the config without importing the loader, which itself needs the recipe registry
+to type the `recipe` section (trainer.config). `recipe` holds the named recipe's Params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    shards: str = "data/mnist/train-{000000..000008}.tar"  # brace pattern, glob, or pipe:
+    image_size: int = 28
+    channels: int = 1
+    batch_size: int = 64  # per process
+    num_workers: int = 1  # loader processes per rank; each reads its own shards
+    shuffle_buffer: int = 1000
+    max_errors: int = 100  # corrupt samples/shards skipped before the run stops
+    text_encoder: str = ""  # captions -> `text_emb`: minilm (bundled all-MiniLM-L6-v2), a HF model folder, hashed; "" = no text
+    shards_b: str = ""  # a second, independently shuffled stream (domain B of unpaired translation, e.g. CycleGAN)
+    load_size: int = 0  # resize to this side, then random-crop image_size (CycleGAN's 286 -> 256); 0 = resize only
+    flip: bool = False  # random horizontal flips
+
+
+@dataclass
+class ModelConfig:
+    """Which registered networks to build, and their widths."""
+
+    generator: str = "dcgan"
+    discriminator: str = "dcgan"
+    z_dim: int = 100
+    g_width: int = 64  # channels of G's last hidden layer (DCGAN's ngf)
+    d_width: int = 64  # channels of D's first layer (DCGAN's ndf)
+    norm: Literal["batch", "none"] = "batch"  # none: no BatchNorm (results independent of batch split)
+    num_classes: int = 10  # label-conditional networks (dcgan_label, projection, concat)
+    cond_dim: int = 128  # width of the label embedding / compressed text embedding
+    cond_aug: bool = False  # text: conditioning augmentation (StackGAN), c ~ N(mu(t), sigma(t)) + KL loss
+
+
+@dataclass
+class OptimConfig:
+    """Adam for one network, with an optional linear decay to zero (as CycleGAN uses)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear"] = "constant"
+    decay_from: int = 0  # step where linear decay starts (schedule=linear)
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage for this network (train.strategy=deepspeed)
+
+
+@dataclass
+class OptimPair:
+    g: OptimConfig = field(default_factory=OptimConfig)
+    d: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The step budget and how often the loop writes things."""
+
+    steps: int = 3000  # generator steps (each preceded by recipe.d_steps D-steps)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"  # ddp: Accelerate/DDP; deepspeed: one engine per network
+    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False  # force CPU even when a GPU is present
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    num_samples: int = 64  # images in each sample grid (fixed noise)
+
+
+@dataclass
+class EvalConfig:
+    """Sample-quality evaluation: `gannet eval`, and during training every `every` steps."""
+
+    every: int = 0  # evaluate during training every N steps (0 = off; `gannet eval` works regardless)
+    samples: int = 1000  # generated images per evaluation
+    extractor: Literal["classifier", "inception"] = "classifier"  # feature space for FID/KID/PR
+    inception: str = ""  # TorchScript FID Inception file (inception-2015-12-05.pt), for extractor=inception
+    heldout: str = ""  # held-out real shards; default: val-*.tar beside the training shards
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "gannet"
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto = bar on a terminal, lines otherwise
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    run_dir: str = ""  # default: runs/<name>
+    resume: Literal["never", "auto"] = "never"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: Any = None  # the named recipe's Params dataclass
+    optim: OptimPair = field(default_factory=OptimPair)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def images_per_step(self, world: int) -> int:
+        """Real images one generator step consumes across `world` processes (k D-steps, micro-batches)."""
+        return self.data.batch_size * self.train.grad_accum * self.recipe.batches_per_step * world
+
+
