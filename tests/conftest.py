@@ -9,9 +9,12 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+
+import models.recipes
 
 from trainer.shards import bundled_mnist, labelled_images, write_mnist_shards, write_silhouette_shards, write_split
 
@@ -110,6 +113,26 @@ def silhouettes(tmp_path_factory) -> dict[str, Path]:
                  "--shard-size", "25").stdout
     assert "4 a, 4 b shard(s)" in out
     return {"full": full, "small": small}
+
+
+def worked_example() -> str:
+    """The recipe module of docs/architecture.md's worked example, verbatim: a new GAN as a user
+    writes it (LSGAN + an EMA copy of G + an R1 penalty on D, through the contract's hooks alone)."""
+    section = (REPO / "docs" / "architecture.md").read_text().split("## Adding a GAN", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture
+def plugin_recipe(tmp_path, monkeypatch) -> Iterator[str]:
+    """The worked example as a module in a folder on models.recipes' search path (the package's own
+    folder is not written to); removed from the registry afterwards."""
+    folder = tmp_path / "more_recipes"
+    folder.mkdir()
+    (folder / "ema_r1.py").write_text(worked_example())
+    monkeypatch.setattr(models.recipes, "__path__", [*models.recipes.__path__, str(folder)])
+    yield "lsgan_ema_r1"
+    models.recipes.RECIPES.pop("lsgan_ema_r1", None)
+    sys.modules.pop("models.recipes.ema_r1", None)
 
 
 def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:

@@ -5,10 +5,13 @@ Whatever the world size, accumulation or strategy, every configuration sees the 
 batches and the same global noise, split into world x accumulation equal chunks, so the final
 weights must agree to float tolerance: that is what the equivalence tests assert. Only the data
 and noise sources are replaced; networks, recipe, DDP/DeepSpeed and optimizers are the real ones.
+HARNESS_NAN_BATCH=CALL:RANK makes that rank's batch number CALL all NaN (fault injection); each
+rank then writes OUT.rankR.json: its count of skipped steps and a checksum of its weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -50,6 +53,8 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
         calls["batch"] += 1
         start = (index * GLOBAL_BATCH) % (len(images) - GLOBAL_BATCH)
         part = chunk(images[start : start + GLOBAL_BATCH], calls["batch"] - 1, engine.world, engine.rank, cfg.train.grad_accum)
+        if os.environ.get("HARNESS_NAN_BATCH") == f"{calls['batch'] - 1}:{engine.rank}":
+            part = torch.full_like(part, float("nan"))
         return {"image": part.to(engine.device, engine.input_dtype)}
 
     def noise(n: int, dim: int) -> torch.Tensor:
@@ -64,6 +69,9 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
     for _ in range(steps):
         recipe.iteration(engine)
     weights = engine.full_weights()
+    checksum = sum(float(v.double().sum()) for state in weights.values() for v in state.values())
+    with open(f"{out}.rank{engine.rank}.json", "w") as f:
+        json.dump({"nonfinite_steps": engine.nonfinite_steps, "checksum": checksum}, f)
     if engine.is_main:
         save_file({f"{name}.{k}": v.float().contiguous() for name, state in weights.items() for k, v in state.items()}, out)
     engine.close()

@@ -5,7 +5,6 @@ imports run one way (launch -> trainer -> models) without cycles; functions stay
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,6 @@ from tests.conftest import REPO, tiny_overrides
 from trainer.config import load_config
 from trainer.data import open_stream, stream_urls
 from trainer.setup import setup
-
-def worked_example() -> str:
-    """The recipe module of docs/architecture.md's worked example, verbatim: a new GAN as a user
-    writes it (LSGAN + an EMA copy of G + an R1 penalty on D, through the contract's hooks alone)."""
-    section = (REPO / "docs" / "architecture.md").read_text().split("## Adding a GAN", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-@pytest.fixture
-def plugin_recipe(tmp_path, monkeypatch):
-    """The worked example as a module in a folder on models.recipes' search path (the package's own
-    folder is not written to); removed from the registry afterwards."""
-    folder = tmp_path / "more_recipes"
-    folder.mkdir()
-    (folder / "ema_r1.py").write_text(worked_example())
-    monkeypatch.setattr(models.recipes, "__path__", [*models.recipes.__path__, str(folder)])
-    yield "lsgan_ema_r1"
-    models.recipes.RECIPES.pop("lsgan_ema_r1", None)
-    sys.modules.pop("models.recipes.ema_r1", None)
 
 
 def test_a_dropped_in_recipe_module_is_discovered_and_trains_with_ema_and_penalty(plugin_recipe, small_shards, tmp_path):

@@ -126,6 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gannet: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not lost_contact(exc):
+            raise
+        print(f"gannet: error: rank {os.environ.get('RANK', '0')} lost contact with the other processes (one died, or did "
+              f"not answer within train.dist_timeout_s): {str(exc).splitlines()[0][:200]}; resume=auto continues from the "
+              f"last checkpoint", file=sys.stderr)
+        return 1
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """A collective failed because a peer died or timed out: torch's DistError (NCCL), or gloo's
+    RuntimeError (gloo reports a reset connection or a timeout that way)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistError", ())) or "/gloo/" in str(exc)
 
 
 def prepare_process() -> None:

@@ -189,6 +189,9 @@ def _check_ranges(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.num_samples": cfg.train.num_samples,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "train.rollback_lr_factor": cfg.train.rollback_lr_factor,
+        "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "optim.g.lr": cfg.optim.g.lr,
         "optim.d.lr": cfg.optim.d.lr,
     }

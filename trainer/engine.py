@@ -19,10 +19,12 @@ docs/architecture.md:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -31,7 +33,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
+from trainer.errors import GannetError
 from trainer.schema import Config, OptimConfig
+
+log = logging.getLogger("gannet")
 
 
 def free_port() -> int:
@@ -48,8 +53,13 @@ class Engine:
         self.cfg = cfg
         cpu = cfg.train.cpu or not torch.cuda.is_available()
         handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+        # A collective that waits longer than dist_timeout_s (a rank died or hung) raises instead of
+        # blocking forever; the CLI turns that into one line, and the run resumes from its checkpoint.
+        timeout = timedelta(seconds=cfg.train.dist_timeout_s)
         if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several CPU processes
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout))
+        else:
+            handlers.append(InitProcessGroupKwargs(timeout=timeout))
         mixed = cfg.train.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
         self.accumulation = cfg.train.grad_accum
@@ -61,6 +71,10 @@ class Engine:
         # Called with a network's name between its backward and its optimizer step, on the last
         # micro-batch: the gradients and the optimizer state exist (bench's memory table reads them).
         self.before_step: list[Callable[[str], None]] = []
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, this run
+        self.skipped: set[str] = set()  # networks whose latest optimizer step was skipped
+        self._finite: dict[str, torch.Tensor] = {}  # per network: this accumulation window finite so far
+        self._good_buffers: dict[str, list[torch.Tensor]] = {}  # BatchNorm statistics after the last good step
 
     @property
     def rank(self) -> int:
@@ -157,6 +171,37 @@ class Engine:
         for hook in self.before_step:
             hook(name)
 
+    def _note_loss(self, name: str, loss: torch.Tensor) -> None:
+        """Remember whether this micro-batch's loss is finite (no device sync until the step)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite[name] = finite if name not in self._finite else self._finite[name] & finite
+
+    def _all_ranks_finite(self, finite: torch.Tensor) -> bool:
+        """True only if every rank's `finite` is: one all-reduce, so all ranks decide the same."""
+        flag = finite.float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return flag.item() > 0
+
+    def _skip_nonfinite(self, name: str, grads_finite: torch.Tensor | None = None) -> bool:
+        """Whether to skip `name`'s optimizer step: when any rank saw a non-finite loss (or
+        gradient) in this accumulation window. Counted, and logged once per skip."""
+        flag = self._finite.pop(name, torch.tensor(True, device=self.device))
+        buffers = [b for b in self.module(name).buffers() if b.is_floating_point()]
+        if self._all_ranks_finite(flag if grads_finite is None else flag & grads_finite):
+            self.skipped.discard(name)
+            self._good_buffers[name] = [b.detach().clone() for b in buffers]
+            return False
+        # The forwards that produced the non-finite loss also fed BatchNorm's running statistics:
+        # back to their values at the last good step, so no NaN stays behind in the network.
+        for buffer, good in zip(buffers, self._good_buffers.get(name, [])):
+            buffer.copy_(good)
+        self.skipped.add(name)
+        self.nonfinite_steps += 1
+        if self.is_main:
+            log.warning("non-finite loss or gradient in %s: its optimizer step was skipped (%d so far)", name, self.nonfinite_steps)
+        return True
+
     def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         """Complete weights of every network on every rank (ZeRO-3 gathers; call on all ranks)."""
         return {name: {k: v.detach().clone() for k, v in self.module(name).state_dict().items()} for name in self.nets}
@@ -205,18 +250,30 @@ class DDPEngine(Engine):
     def update(self, name: str, loss: torch.Tensor) -> None:
         """Backward (scaled for accumulation); step `name`'s optimizer on the last micro-batch."""
         boundary = self.is_boundary(name)
+        self._note_loss(name, loss)
         with nullcontext() if boundary else self._no_sync(name):  # sync once, on the last micro-batch
             self.accelerator.backward(loss / self.accumulation)
         self._micro[name] = self._micro.get(name, 0) + 1
         if not boundary:
             return
         self._before_step(name)
+        optimizer = self.optimizers[name]
+        if self._skip_nonfinite(name, self._grads_finite(name)):
+            optimizer.zero_grad(set_to_none=True)  # weights and Adam's state stay as they were
+            return
         clip = self.optim_config(name).clip_grad
         if clip > 0:
             self.accelerator.clip_grad_norm_(self.nets[name].parameters(), clip)
-        optimizer = self.optimizers[name]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def _grads_finite(self, name: str) -> torch.Tensor | None:
+        """All of `name`'s gradients finite (None under fp16, whose grad scaler skips overflowing
+        steps itself and must see them to lower its scale)."""
+        if self.accelerator.scaler is not None:
+            return None
+        grads = [p.grad for p in self.nets[name].parameters() if p.grad is not None]
+        return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
 
     def state_dict(self) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -247,7 +304,7 @@ class DeepSpeedEngine(Engine):
                             "MASTER_PORT": str(free_port())}
             for key, value in launcher_env.items():
                 os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=cfg.train.dist_timeout_s))
         precision = cfg.train.mixed_precision
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
@@ -281,7 +338,17 @@ class DeepSpeedEngine(Engine):
         return self.nets[name].module
 
     def update(self, name: str, loss: torch.Tensor) -> None:
+        """A non-finite loss (on any rank) skips backward and step alike, so DeepSpeed's own
+        counters stay in step. Its partitioned gradients are not inspected: the loss decides."""
         engine = self.nets[name]
+        if self.accumulation == 1:
+            self._note_loss(name, loss)
+            if self._skip_nonfinite(name):
+                return
+        elif not self._all_ranks_finite(torch.isfinite(loss.detach()).all()):
+            raise GannetError(f"non-finite loss in {name} under DeepSpeed with train.grad_accum={self.accumulation}: "
+                              f"DeepSpeed cannot drop part of an accumulated step, so the run stops here; resume=auto "
+                              f"continues from the last checkpoint (train.grad_accum=1 skips such steps instead)")
         engine.backward(loss)
         if self.is_boundary(name):
             self._before_step(name)

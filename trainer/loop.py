@@ -25,7 +25,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, sa
 from trainer.config import config_to_dict
 from trainer.data import ShardExamples, open_stream, stream_urls
 from trainer.engine import Engine
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, GannetError
 from trainer.evaluate import Evaluator
 from trainer.images import grid_array, save_grid
 from trainer.schema import Config
@@ -50,13 +50,16 @@ def train(cfg: Config) -> Path:
     if step >= cfg.train.steps:
         log.info("%s is already at step %d of %d: nothing to do", cfg.run_path, step, cfg.train.steps)
 
-    meter = Throughput(cfg.images_per_step(engine.world), step)
+    meter, watch = Throughput(cfg.images_per_step(engine.world), step), NonfiniteWatch()
     while step < cfg.train.steps:
         metrics = recipe.iteration(engine)
         for scheduler in job.schedulers.values():
             scheduler.step()
         step += 1
         tracker.advance()
+        if watch.streak(engine) >= cfg.train.max_nonfinite:  # diverged: back to the last good checkpoint, or stop
+            step = roll_back(cfg, job, tracker, watch, step, shard_urls)
+            continue
         last = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or last:
             log_metrics(job, tracker, step, metrics, meter)
@@ -168,6 +171,7 @@ def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.
     record = {f"train/{k}": v for k, v in zip(names, values)}
     record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in job.schedulers.items()})
     record["data/skipped"] = float(engine.data.position.errors)
+    record["train/nonfinite_steps"] = float(engine.nonfinite_steps)
     record["perf/images_per_s"] = meter.images_per_s(step)
     tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})
 
@@ -195,6 +199,46 @@ def evaluate_now(cfg: Config, job: Job, tracker: Tracker, evaluator: Evaluator |
     if evaluator is not None:
         scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
         tracker.log(step, Evaluator.scalars(scores))
+
+
+class NonfiniteWatch:
+    """Counts consecutive iterations in which an optimizer step was skipped (a non-finite loss or
+    gradient on some rank: the engine skips such steps on every rank, leaving weights untouched),
+    and remembers the checkpoints already rolled back to."""
+
+    def __init__(self) -> None:
+        self.seen, self.count, self.rolled_back = 0, 0, set()
+
+    def streak(self, engine: Engine) -> int:
+        self.count = self.count + 1 if engine.nonfinite_steps > self.seen else 0
+        self.seen = engine.nonfinite_steps
+        return self.count
+
+
+def roll_back(cfg: Config, job: Job, tracker: Tracker, watch: NonfiniteWatch, step: int, shard_urls: list[list[str]]) -> int:
+    """After train.max_nonfinite bad steps in a row: restore the latest checkpoint (weights,
+    optimizers, schedules, RNG, data position) with learning rates x train.rollback_lr_factor, and
+    continue from its step. Stops with one line when told to, with nothing to roll back to, or when
+    the same checkpoint diverged again."""
+    engine, checkpoint = job.engine, latest_checkpoint(cfg.run_path)
+    what = (f"training diverged: {cfg.train.max_nonfinite} steps in a row with a non-finite loss or gradient, "
+            f"up to step {step} (their updates were skipped: no weight holds a non-finite value)")
+    if cfg.train.on_nonfinite == "stop" or checkpoint is None or checkpoint in watch.rolled_back:
+        why = ("train.on_nonfinite=stop" if cfg.train.on_nonfinite == "stop" else "no checkpoint to roll back to"
+               if checkpoint is None else f"it diverged again after rolling back to {checkpoint.name}")
+        raise GannetError(f"{what}; stopped: {why}. Lower optim.g.lr/optim.d.lr or check the data, then resume=auto")
+    watch.rolled_back.add(checkpoint)
+    back, data_state = restore(cfg, job, checkpoint)
+    for scheduler in job.schedulers.values():  # LambdaLR: lr = base_lr * factor(step); scale the base
+        scheduler.base_lrs = [lr * cfg.train.rollback_lr_factor for lr in scheduler.base_lrs]
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] *= cfg.train.rollback_lr_factor
+    engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
+    engine.skipped.clear()
+    watch.count = 0
+    tracker.rewind(back)
+    log.warning("%s; rolled back to %s (step %d), learning rates x%g", what, checkpoint.name, back, cfg.train.rollback_lr_factor)
+    return back
 
 
 def save(cfg: Config, job: Job, step: int) -> None:

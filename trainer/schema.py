@@ -76,6 +76,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     num_samples: int = 64  # images in each sample grid (fixed noise)
+    max_nonfinite: int = 20  # consecutive steps with a skipped (non-finite) update before on_nonfinite acts
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last checkpoint, or stop with a message
+    rollback_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback (1 = unchanged)
+    dist_timeout_s: int = 600  # a collective waiting longer (a rank died or hung) fails with a clear error
 
 
 @dataclass

@@ -87,6 +87,15 @@ class Tracker:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in keep))
         os.replace(tmp, self.jsonl)
 
+    def rewind(self, step: int) -> None:
+        """A rollback to `step`: metrics.jsonl drops what came after it (W&B keeps its first values
+        of the re-trained steps: its history only moves forward)."""
+        if self.enabled:
+            self._truncate_after(step)
+            if self.bar is not None:
+                self.bar.n = step
+                self.bar.refresh()
+
     def _wandb_persisted(self, run_id: str) -> int:
         """The last step earlier attempts of this W&B run got onto disk (read before this one starts)."""
         from trainer.wandb_files import persisted_step  # imports wandb: only runs that use it pay

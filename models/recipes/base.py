@@ -36,6 +36,7 @@ class Step(Protocol):
 
     nets: Mapping[str, nn.Module]
     accumulation: int  # micro-batches per optimizer step: call `update` this many times per step
+    skipped: set[str]  # networks whose latest optimizer step was skipped (a non-finite loss or gradient)
 
     def batch(self) -> dict[str, torch.Tensor]: ...
 
@@ -213,7 +214,7 @@ class AdversarialRecipe(Recipe):
         return None, {}
 
     def after_g_step(self, step: Step) -> None:
-        """Called at the end of every iteration, after G's optimizer step (e.g. to average G)."""
+        """Called at the end of an iteration whose G optimizer step was taken (e.g. to average G)."""
         del step
 
     def d_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -256,7 +257,8 @@ class AdversarialRecipe(Recipe):
             for _ in range(step.accumulation):
                 loss_g, g_stats = self.g_objective(step, batch)
                 step.update("G", loss_g)
-        self.after_g_step(step)
+        if "G" not in step.skipped:  # G did not move: nothing to follow (an EMA stays as it was)
+            self.after_g_step(step)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **d_stats, **g_stats}
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
