@@ -59,8 +59,8 @@ def test_cli_bad_key_exits_2_with_one_line():
     result = gannet("train", "lsgan_mnist", "train.stepz=5", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["gannet: error: unknown key 'train.stepz' (allowed in train: steps, strategy, grad_accum, mixed_precision, cpu, "
-                     "log_every, sample_every, checkpoint_every, keep_checkpoints, num_samples)"]
+    assert len(lines) == 1 and lines[0].startswith("gannet: error: unknown key 'train.stepz' (allowed in train: steps, strategy,")
+    assert "num_samples" in lines[0] and lines[0].endswith(")")
 
 
 def test_cli_missing_config_and_missing_shards_exit_2(tmp_path):
