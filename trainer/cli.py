@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
   coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder""")
     p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco"])
     p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub) or captions JSON (coco)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)")
+    p.add_argument("--out", required=True, help=("output folder, or an object store prefix s3://BUCKET/PREFIX/ "
+                                                 "(train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)"))
     p.add_argument("--images", type=Path, help="mnist: IDX images file (e.g. train-images-idx3-ubyte.gz); coco: the image folder")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
@@ -161,8 +162,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from trainer import shards
+    from trainer import remote, shards
 
+    target = args.out
+    if not remote.is_remote(target):
+        args.out = Path(target)
+        return _write_shards(args, shards)
+    if not target.startswith("s3://"):
+        raise ConfigError(f"--out {target}: shards can be written to a folder or to s3://BUCKET/PREFIX/, not over HTTP")
+    remote.check_writable(target)  # credentials and bucket, before minutes of conversion
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gannet-shards-") as staging:  # converted here, then uploaded
+        args.out = Path(staging) / "out"
+        counts = _write_shards(args, shards, report=False)
+        remote.upload_folder(args.out, target, replace=counts)
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {target}")
+    return 0
+
+
+def _write_shards(args: argparse.Namespace, shards, report: bool = True):
     holdout = {"holdout": args.holdout} if args.holdout is not None else {}  # else each kind's default
     if args.kind == "unpaired":
         if args.a is None or args.b is None:
@@ -181,6 +200,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         items = {"captions": lambda: shards.caption_pairs(args.source), "cub": lambda: shards.cub_captions(args.source),
                  "coco": lambda: shards.coco_captions(args.source, args.images)}[args.kind]()
         counts = shards.write_caption_shards(args.out, items, shard_size=args.shard_size, seed=args.seed, **holdout)
+    if not report:
+        return counts
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 
