@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.config import CONFIG_DIR
+from trainer.config import config_names
 from trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config", description=(
-        f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(sorted(c.stem for c in CONFIG_DIR.glob('*.yaml')))}). "
+        f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(config_names())}). "
         "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
     p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
