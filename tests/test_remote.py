@@ -5,6 +5,7 @@ in one line (exit 2), `gannet shards --out s3://`, and 2-process training runs f
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -229,3 +230,15 @@ def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_
     assert server.failures > 0
     assert sum(p["errors"] for p in positions) == 0
     assert sum(p["retries"] for p in positions) > 0
+
+
+def test_bench_loader_times_local_disk_beside_the_s3_store(store, small_shards, tmp_path):
+    out = tmp_path / "loader.json"
+    result = subprocess.run([sys.executable, "-m", "trainer", "bench", "lsgan_mnist", "--loader", f"s3://{BUCKET}/small/",
+                             f"data.shards={small_shards}/train-*.tar", "data.batch_size=16", "--steps", "12",
+                             "--out", str(out)], cwd=REPO, env=store.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    local, s3 = json.loads(out.read_text())["loader"]
+    assert (local["kind"], s3["kind"]) == ("local", "s3") and s3["source"] == f"s3://{BUCKET}/small/"
+    assert local["images_per_s"] > 0 and s3["images_per_s"] > 0 and local["batches"] == s3["batches"] == 12
+    assert "images/s" in result.stdout and f"s3://{BUCKET}/small/" in result.stdout

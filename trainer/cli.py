@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-step", action="store_true", help=(
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
+    p.add_argument("--loader", nargs="*", metavar="SHARDS", help=(
+        "instead: time the data loader alone on data.shards and on each SHARDS given (e.g. an s3://BUCKET/PREFIX/), "
+        "--steps batches each, in turns"))
     add_slurm_parser(sub)
     return parser
 
@@ -247,7 +250,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.bench import run_bench
     from trainer.config import load_config
 
+    if args.loader:  # `--loader s3://b/p/ data.batch_size=32`: key=value words after --loader are overrides
+        import re
+
+        overrides = [item for item in args.loader if re.match(r"^[A-Za-z_][\w.]*=", item)]
+        args.loader = [item for item in args.loader if item not in overrides]
+        args.overrides = [*args.overrides, *overrides]
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if args.loader is not None:
+        from trainer.loaderbench import loader_bench
+
+        loader_bench(cfg.data, args.loader, batches=args.steps, out=args.out)
+        return 0
     if not args.reference_step and not hasattr(get_recipe(cfg.recipe.name), "d_objective"):
         raise ConfigError(f"gannet bench's throughput and memory tables measure one-G-one-D recipes; for {cfg.recipe.name} "
                           f"use --reference-step (its training step against a plain eager reference)")
