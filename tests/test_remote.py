@@ -18,7 +18,7 @@ from tests.conftest import REPO, tiny_overrides
 from tests.object_store import FlakyServer, S3Store, clean_aws_env
 from trainer import remote
 from trainer.config import DataConfig
-from trainer.data import DataStream, StreamPosition, expand_urls, shard_samples
+from trainer.data import DataStream, StreamPosition, expand_urls, heldout_beside, shard_samples
 from trainer.errors import ConfigError, DataError
 from trainer.statefile import load_state
 
@@ -70,6 +70,7 @@ def test_s3_brace_pattern_glob_and_prefix_listing_name_the_same_shards(store, aw
     assert expand_urls(f"s3://{BUCKET}/small/train-00000[0-2].tar") == names[:3]
     with pytest.raises(ConfigError, match="no shard in the object store matches"):
         expand_urls(f"s3://{BUCKET}/elsewhere/")
+    assert heldout_beside(S3_SHARDS) == f"s3://{BUCKET}/small/val-*.tar"  # eval.heldout's default, in the store
 
 
 def test_endpoint_and_credentials_from_an_aws_profile(store, aws, tmp_path):
