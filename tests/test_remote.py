@@ -18,9 +18,11 @@ from tests.conftest import REPO, tiny_overrides
 from tests.object_store import FlakyServer, S3Store, clean_aws_env
 from trainer import remote
 from trainer.config import DataConfig
-from trainer.data import DataStream, StreamPosition, expand_urls, heldout_beside, shard_samples
+from trainer.data import DataStream, StreamPosition, cache_beside, expand_urls, heldout_beside, shard_samples, shards_exist
 from trainer.errors import ConfigError, DataError
+from trainer.shards import bundled_mnist
 from trainer.statefile import load_state
+from tests.test_data import write_idx
 
 BIN = Path(sys.executable).parent
 BUCKET = "shards"
@@ -71,6 +73,16 @@ def test_s3_brace_pattern_glob_and_prefix_listing_name_the_same_shards(store, aw
     with pytest.raises(ConfigError, match="no shard in the object store matches"):
         expand_urls(f"s3://{BUCKET}/elsewhere/")
     assert heldout_beside(S3_SHARDS) == f"s3://{BUCKET}/small/val-*.tar"  # eval.heldout's default, in the store
+    assert shards_exist(S3_SHARDS) and not shards_exist(heldout_beside(S3_SHARDS))  # no val split uploaded here
+
+
+def test_derived_files_of_remote_shards_are_cached_locally(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = cache_beside(f"s3://{BUCKET}/small/train-000000.tar", "classifier.safetensors")
+    assert cache.parent.is_dir() and cache.parent.parent == tmp_path / "gannet"
+    assert cache == cache_beside(f"s3://{BUCKET}/small/train-000003.tar", "classifier.safetensors")  # per prefix
+    assert cache != cache_beside(f"s3://{BUCKET}/other/train-000000.tar", "classifier.safetensors")
+    assert cache_beside("/data/x/train-000000.tar", "c") == Path("/data/x/c")
 
 
 def test_endpoint_and_credentials_from_an_aws_profile(store, aws, tmp_path):
@@ -166,15 +178,21 @@ def test_bad_credentials_or_bucket_are_one_line_and_exit_2(store, aws, case, env
         assert len(lines) == 1 and lines[0].startswith("gannet: error: s3://") and message in lines[0], lines
 
 
-def test_gannet_shards_writes_straight_to_the_store_and_replaces_a_split_whole(store, tmp_path):
+def test_gannet_shards_writes_straight_to_the_store_and_replaces_a_split_whole(store, aws, tmp_path):
+    pixels, labels = bundled_mnist()
+    write_idx(tmp_path / "images-idx3-ubyte", pixels[:600])  # 600 real digits: a quick conversion
+    write_idx(tmp_path / "labels-idx1-ubyte", labels[:600])
     store.client().create_bucket(Bucket="written")
     proxy = FlakyServer(upstream=store.endpoint, every=5)  # uploads are retried too (by the SDK)
-    env = {**store.env, "AWS_ENDPOINT_URL": proxy.url, "PYTHONUNBUFFERED": "1"}
+    env = {**store.env, "AWS_ENDPOINT_URL": proxy.url, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    workdir = tmp_path / "work"
+    workdir.mkdir()
     try:
-        for size in (1000, 2500):
+        for size in (200, 250):  # 3 train shards, then 2: the third must go
             result = subprocess.run([sys.executable, "-m", "trainer", "shards", "mnist", "--out", "s3://written/mnist/",
-                                     "--shard-size", str(size)], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
-                                    capture_output=True, text=True, timeout=300)
+                                     "--images", str(tmp_path / "images-idx3-ubyte"), "--labels",
+                                     str(tmp_path / "labels-idx1-ubyte"), "--holdout", "100", "--shard-size", str(size)],
+                                    cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stderr[-3000:]
             assert "to s3://written/mnist/" in result.stdout
     finally:
@@ -182,17 +200,10 @@ def test_gannet_shards_writes_straight_to_the_store_and_replaces_a_split_whole(s
     assert proxy.failures > 0
     keys = sorted(o["Key"] for o in store.client().list_objects_v2(Bucket="written")["Contents"])
     assert keys == ["mnist/train-000000.tar", "mnist/train-000001.tar", "mnist/val-000000.tar"]  # no stale shards
-    assert not list(tmp_path.iterdir())  # nothing left behind locally
-    remote._s3_client.cache_clear()
-    os.environ.update({k: v for k, v in store.env.items() if k.startswith("AWS_")})
-    try:
-        samples = list(shard_samples([f"s3://written/{k}" for k in keys[:2]], handler=lambda e: False))
-    finally:
-        for k in store.env:
-            if k.startswith("AWS_"):
-                os.environ.pop(k, None)
-        remote._s3_client.cache_clear()
-    assert len(samples) == 4500 and len({s["__key__"] for s in samples}) == 4500
+    assert not list(workdir.iterdir())  # nothing left behind locally
+    aws(store.env)
+    samples = list(shard_samples([f"s3://written/{k}" for k in keys], handler=lambda e: False))
+    assert len(samples) == 600 and len({s["__key__"] for s in samples}) == 600  # every shard whole
 
 
 def test_bad_credentials_for_gannet_shards_out_exit_2_before_converting(store, tmp_path):

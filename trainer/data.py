@@ -400,6 +400,28 @@ def example_images(urls: list[list[str]], cfg: DataConfig, n: int) -> dict[str, 
     return {key: first_images(paths, cfg, n)[0] for key, paths in zip(("image", "image_b"), urls)}
 
 
+def cache_beside(url: str, name: str) -> Path:
+    """Where to cache something derived from the shards at `url` (e.g. evaluation's classifier): beside
+    a local shard; for a remote one, under ~/.cache/gannet/ (XDG_CACHE_HOME), in a folder named by the
+    shards' prefix, since the store itself may be read-only to training jobs."""
+    if not remote.is_remote(url):
+        return Path(url).parent / name
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gannet"
+    folder = root / hashlib.sha256(remote.parent(url).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def shards_exist(pattern: str) -> bool:
+    """Whether a shard pattern names anything (local or remote), without raising."""
+    try:
+        return bool(expand_urls(pattern))
+    except ConfigError:
+        return False
+
+
 def heldout_beside(shards: str) -> str:
     """`val-*.tar` in the folder (or under the prefix) of the first training shard: the held-out split
     `gannet shards` writes."""

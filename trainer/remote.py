@@ -299,7 +299,7 @@ def _with_retries(url: str, call: Callable[[], None], policy: RetryPolicy) -> No
             last: Exception = failure
         except RemoteError as exn:
             cause = exn.__cause__
-            if isinstance(cause, (TransientError, *_transient_types())) or "gave up" in str(exn):
+            if isinstance(cause, (TransientError, *_transient_types())):
                 last = exn
             else:
                 raise ConfigError(_explain(str(exn))) from None
