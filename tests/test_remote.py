@@ -20,7 +20,7 @@ from trainer import remote
 from trainer.config import DataConfig
 from trainer.data import DataStream, StreamPosition, cache_beside, expand_urls, heldout_beside, shard_samples, shards_exist
 from trainer.errors import ConfigError, DataError
-from trainer.shards import bundled_mnist
+from trainer.shards import bundled_mnist, on_each_shard, write_mnist_shards
 from trainer.statefile import load_state
 from tests.test_data import write_idx
 
@@ -204,6 +204,25 @@ def test_gannet_shards_writes_straight_to_the_store_and_replaces_a_split_whole(s
     aws(store.env)
     samples = list(shard_samples([f"s3://written/{k}" for k in keys], handler=lambda e: False))
     assert len(samples) == 600 and len({s["__key__"] for s in samples}) == 600  # every shard whole
+
+
+def test_each_shard_is_handed_over_as_soon_as_it_is_closed(tmp_path):
+    """What `--out s3://` relies on to keep local disk at about one shard: the callback sees each
+    finished shard alone (the uploader deletes it before the next one is written)."""
+    pixels, labels = bundled_mnist()
+    write_idx(tmp_path / "images-idx3-ubyte", pixels[:300])
+    write_idx(tmp_path / "labels-idx1-ubyte", labels[:300])
+    seen: list[tuple[str, int]] = []
+
+    def upload(path: str) -> None:
+        seen.append((Path(path).name, len(list(Path(path).parent.glob("*.tar")))))
+        Path(path).unlink()
+
+    with on_each_shard(upload):
+        counts = write_mnist_shards(tmp_path / "out", images=tmp_path / "images-idx3-ubyte",
+                                    labels=tmp_path / "labels-idx1-ubyte", shard_size=100, holdout=100)
+    assert counts == {"val": 1, "train": 2}
+    assert seen == [("val-000000.tar", 1), ("train-000000.tar", 1), ("train-000001.tar", 1)]
 
 
 def test_bad_credentials_for_gannet_shards_out_exit_2_before_converting(store, tmp_path):

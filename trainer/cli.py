@@ -176,10 +176,13 @@ def cmd_shards(args: argparse.Namespace) -> int:
     remote.check_writable(target)  # credentials and bucket, before minutes of conversion
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="gannet-shards-") as staging:  # converted here, then uploaded
+    prefix = target if target.endswith("/") else target + "/"
+    uploaded: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="gannet-shards-") as staging:  # each shard passes through here
         args.out = Path(staging) / "out"
-        counts = _write_shards(args, shards, report=False)
-        remote.upload_folder(args.out, target, replace=counts)
+        with shards.on_each_shard(lambda path: uploaded.append(remote.upload_file(Path(path), prefix + Path(path).name))):
+            counts = _write_shards(args, shards, report=False)
+        remote.upload_folder(args.out, prefix, replace=counts, uploaded=uploaded)  # the rest (e.g. testA/), stale shards
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {target}")
     return 0
 

@@ -336,25 +336,32 @@ def check_writable(url: str) -> None:
     _with_retries(url, lambda: s3_client().head_bucket(Bucket=bucket), RetryPolicy(retries=2))
 
 
-def upload_folder(folder: Path, url: str, replace: Iterable[str]) -> list[str]:
-    """Upload every file under `folder` to the prefix `url`, then delete the `{split}-*.tar` objects of
-    each split in `replace` that this upload did not write (a re-run with fewer shards leaves none of
-    the old set behind). Each object is one PutObject (multipart above 8 MB, completed in one call):
-    S3 makes an object visible only once it is whole, so a reader never sees a half-written shard.
-    Returns the URLs written."""
-    bucket, prefix = split_s3(url if url.endswith("/") else url + "/")
-    client = s3_client(retrying=True)
-    written = []
+def upload_file(path: Path, url: str) -> str:
+    """Upload one file to the object `url` (an s3:// URL) and delete the local copy; returns the URL.
+
+    One PutObject (multipart above 8 MB, completed in one call): S3 makes an object visible only
+    once it is whole, so a reader never sees a half-written shard."""
+    bucket, key = split_s3(url)
+    s3_client(retrying=True).upload_file(str(path), bucket, key)
+    Path(path).unlink()
+    return url
+
+
+def upload_folder(folder: Path, url: str, replace: Iterable[str], uploaded: Iterable[str] = ()) -> list[str]:
+    """Upload (and delete locally) every file left under `folder` to the prefix `url`, then delete the
+    `{split}-*.tar` objects of each split in `replace` that neither this call nor `uploaded` wrote:
+    a re-run with fewer shards leaves none of the old set behind. Returns all URLs written."""
+    prefix_url = url if url.endswith("/") else url + "/"
+    bucket, prefix = split_s3(prefix_url)
+    written = list(uploaded)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(folder).as_posix()
-        client.upload_file(str(path), bucket, key)
-        written.append(f"s3://{bucket}/{key}")
+        written.append(upload_file(path, prefix_url + path.relative_to(folder).as_posix()))
     fresh = set(written)
+    client = s3_client(retrying=True)
     for split in replace:
-        stale = [u for u in list_s3(f"s3://{bucket}/{prefix}{split}-")
-                 if u not in fresh and fnmatch.fnmatchcase(u, f"s3://{bucket}/{prefix}{split}-*.tar")]
-        for stale_url in stale:
-            client.delete_object(Bucket=bucket, Key=split_s3(stale_url)[1])
+        for stale in list_s3(f"{prefix_url}{split}-"):
+            if stale not in fresh and fnmatch.fnmatchcase(stale, f"{prefix_url}{split}-*.tar"):
+                client.delete_object(Bucket=bucket, Key=split_s3(stale)[1])
     return written
 
 
