@@ -20,6 +20,7 @@ EPILOG = """examples:
   gannet train lsgan_mnist                        # configs/lsgan_mnist.yaml
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
   gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
+  gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
   gannet sample runs/lsgan_mnist --out grid.png
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
