@@ -275,8 +275,8 @@ def check(url: str, policy: RetryPolicy | None = None) -> None:
     endpoint are found now, in one line, not as a stream of skipped shards later."""
 
     def first_byte() -> None:
-        with open_shard(url, RetryPolicy(retries=0), ReadStats()) as stream:
-            stream.read(1)
+        with RemoteShard(url, RetryPolicy(retries=0), ReadStats()) as shard:  # unbuffered: asks for 1 byte, not 1 MB
+            shard.read(1)
 
     _with_retries(url, first_byte, policy or RetryPolicy())
 
