@@ -3,8 +3,10 @@ processes (`process_env`, `run`, `gannet`, `accelerate_train`)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -64,6 +66,14 @@ def accelerate_train(overrides: list[str], processes: int = 2, config: str = "ls
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "trainer", "train", config, *overrides]
     return run(cmd, env=process_env(ACCELERATE_USE_CPU="1"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST-style IDX file (gzipped if the name ends in .gz) holding `array` as bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def corrupt_copy(src: Path, dst: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.conftest import corrupt_copy
+from tests.conftest import corrupt_copy, write_idx
 from trainer.schema import DataConfig
 from trainer.data import DataStream, ShardStream, StreamPosition, expand_urls
 from trainer.errors import ConfigError, DataError
@@ -31,13 +29,6 @@ def test_bundled_mnist_shards_hold_real_labelled_digits(mnist_shards):
     pixels = np.stack([s["png"] for s in samples])
     assert pixels.shape == (500, 28, 28) and pixels.dtype == np.uint8
     assert 0.1 < (pixels > 127).mean() < 0.3  # white strokes on black, like MNIST
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_idx_files_convert_to_the_same_digits(tmp_path):

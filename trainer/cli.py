@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
-from trainer.config import CONFIG_DIR
+from trainer.config import config_names
 from trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
@@ -22,6 +22,7 @@ EPILOG = """examples:
   gannet train lsgan_mnist                        # configs/lsgan_mnist.yaml
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
   gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
+  gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
   gannet sample runs/lsgan_mnist --out grid.png
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
@@ -39,7 +40,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config", description=(
-        f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(sorted(c.stem for c in CONFIG_DIR.glob('*.yaml')))}). "
+        f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(config_names())}). "
         "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
     p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
@@ -59,7 +60,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
   coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder""")
     p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco"])
     p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub) or captions JSON (coco)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)")
+    p.add_argument("--out", required=True, help=("output folder, or an object store prefix s3://BUCKET/PREFIX/ "
+                                                 "(train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)"))
     p.add_argument("--images", type=Path, help="mnist: IDX images file (e.g. train-images-idx3-ubyte.gz); coco: the image folder")
     p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
@@ -107,6 +109,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--reference-step", action="store_true", help=(
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
+    p.add_argument("--loader", nargs="*", metavar="SHARDS", help=(
+        "instead: time the data loader alone on data.shards and on each SHARDS given (e.g. an s3://BUCKET/PREFIX/), "
+        "--steps batches each, in turns"))
     return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
@@ -178,8 +183,29 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from trainer import shards
+    from trainer import remote, shards
 
+    target = args.out
+    if not remote.is_remote(target):
+        args.out = Path(target)
+        return _write_shards(args, shards)
+    if not target.startswith("s3://"):
+        raise ConfigError(f"--out {target}: shards can be written to a folder or to s3://BUCKET/PREFIX/, not over HTTP")
+    remote.check_writable(target)  # credentials and bucket, before minutes of conversion
+    import tempfile
+
+    prefix = target if target.endswith("/") else target + "/"
+    uploaded: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="gannet-shards-") as staging:  # each shard passes through here
+        args.out = Path(staging) / "out"
+        with shards.on_each_shard(lambda path: uploaded.append(remote.upload_file(Path(path), prefix + Path(path).name))):
+            counts = _write_shards(args, shards, report=False)
+        remote.upload_folder(args.out, prefix, replace=counts, uploaded=uploaded)  # the rest (e.g. testA/), stale shards
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {target}")
+    return 0
+
+
+def _write_shards(args: argparse.Namespace, shards, report: bool = True):
     holdout = {"holdout": args.holdout} if args.holdout is not None else {}  # else each kind's default
     if args.kind == "unpaired":
         if args.a is None or args.b is None:
@@ -198,6 +224,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         items = {"captions": lambda: shards.caption_pairs(args.source), "cub": lambda: shards.cub_captions(args.source),
                  "coco": lambda: shards.coco_captions(args.source, args.images)}[args.kind]()
         counts = shards.write_caption_shards(args.out, items, shard_size=args.shard_size, seed=args.seed, **holdout)
+    if not report:
+        return counts
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
 
@@ -242,7 +270,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.bench import run_bench
     from trainer.config import load_config
 
+    if args.loader:  # `--loader s3://b/p/ data.batch_size=32`: key=value words after --loader are overrides
+        import re
+
+        overrides = [item for item in args.loader if re.match(r"^[A-Za-z_][\w.]*=", item)]
+        args.loader = [item for item in args.loader if item not in overrides]
+        args.overrides = [*args.overrides, *overrides]
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if args.loader is not None:
+        from trainer.loaderbench import loader_bench
+
+        loader_bench(cfg.data, args.loader, batches=args.steps, out=args.out)
+        return 0
     if args.reference_step:
         from trainer.stepbench import cyclegan_step_bench
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import asdict, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,19 +19,47 @@ from models.recipes import get_recipe
 from trainer.errors import ConfigError
 from trainer.schema import Config, OptimConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Configs and presets are package data (`configs` and `launch` are packages; pyproject.toml lists
+# their YAML files), located through the import system rather than beside this file, so an
+# installed gannet finds them from any directory. `files()` of a package on disk is a Path.
+CONFIG_DIR = Path(str(resources.files("configs")))
+RESOURCE_PACKAGES = ("configs", "launch")
+
+
+def config_names() -> list[str]:
+    """The bundled configs, by name (what `gannet train NAME` accepts)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A YAML path as given, or a name under configs/ (`lsgan_mnist` -> configs/lsgan_mnist.yaml)."""
+    """A YAML path as given, or a bundled config (`lsgan_mnist` or `configs/lsgan_mnist.yaml`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml", packaged(name_or_path)):
+        if candidate is not None and candidate.is_file():
             return candidate
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config '{name_or_path}' not found: not a file, and not one of configs/ ({known})")
+    raise ConfigError(f"config '{name_or_path}' not found: not a file, and not one of configs/ ({', '.join(config_names())})")
+
+
+def packaged(path: str) -> Path | None:
+    """`launch/deepspeed/zero2.yaml` or `configs/x.yaml` inside the installed package, when the path
+    names one of gannet's resource packages (the same spelling works in and out of the source tree)."""
+    parts = Path(path).parts
+    if len(parts) < 2 or parts[0] not in RESOURCE_PACKAGES:
+        return None
+    return Path(str(resources.files(parts[0]))).joinpath(*parts[1:])
+
+
+def resolve_preset(item: str) -> Path:
+    """A preset path as given if it is a file, else the bundled one of that name (see `packaged`)."""
+    path = Path(item)
+    if path.is_file():
+        return path
+    bundled = packaged(item)
+    if bundled is not None and bundled.is_file():
+        return bundled
+    raise ConfigError(f"preset '{item}' not found (neither a file nor one of gannet's bundled presets under launch/)")
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
@@ -44,7 +73,7 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
     raw.setdefault("name", path.stem)
     for item in overrides:
         if "=" not in item and item.endswith((".yaml", ".yml")):  # a preset: a partial config merged in
-            _merge(raw, _read_yaml(Path(item)))
+            _merge(raw, _read_yaml(resolve_preset(item)))
             continue
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -207,6 +236,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.eval.samples < 10:
         raise ConfigError(f"eval.samples={cfg.eval.samples} must be >= 10")
     for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors,
+                       "data.retries": cfg.data.retries, "data.retry_backoff": cfg.data.retry_backoff,
                        "eval.every": cfg.eval.every}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")

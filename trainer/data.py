@@ -14,6 +14,9 @@ Design (docs/architecture.md, "Data"):
   draws the same ones), encoded in the worker by a frozen sentence encoder (models.text).
 - A sample or shard that fails to read or decode is skipped and counted. Counts travel with the
   batches to the training process, which enforces `data.max_errors` for the whole run.
+- Remote shards (`s3://`, `http(s)://`, trainer.remote) read like local ones. A transient network
+  failure is retried (counted as `retries`, beside `errors`); a shard that still fails is skipped
+  and counted like a corrupt one, within the same budget.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import braceexpand
 import numpy as np
@@ -35,7 +38,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from models.text import SentenceEncoder
-from trainer import preemption
+from trainer import preemption, remote
 from trainer.schema import Config, DataConfig
 from trainer.errors import ConfigError, DataError
 
@@ -43,15 +46,21 @@ log = logging.getLogger("gannet.data")
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
-def expand_urls(pattern: str) -> list[str]:
-    """Shard URLs from a brace pattern, a glob, a comma list, or `pipe:` commands.
+def expand_urls(pattern: str, policy: remote.RetryPolicy | None = None) -> list[str]:
+    """Shard URLs from a brace pattern, a glob, a comma list, `s3://` / `http(s)://` URLs (an
+    `s3://bucket/prefix/` lists the prefix's .tar objects), or `pipe:` commands.
 
-    Local files must exist now: a typo in a shard path is a config error at start-up, not an
-    endless stream of skipped shards later.
+    Shards must be there now: a typo in a shard path, wrong credentials or a missing bucket are a
+    config error at start-up, not an endless stream of skipped shards later. (Of a remote brace
+    pattern, the first shard is read to check; the others are not fetched here.)
     """
     urls: list[str] = []
     for part in pattern.split(","):
-        for url in braceexpand.braceexpand(part.strip()):
+        expanded = list(braceexpand.braceexpand(part.strip()))
+        for i, url in enumerate(expanded):
+            if remote.is_remote(url):
+                urls.extend(remote.expand(url, policy) if i == 0 or url.endswith("/") or glob.has_magic(url) else [url])
+                continue
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
                 continue
@@ -96,11 +105,41 @@ def sample_captions(sample: dict[str, Any]) -> list[str]:
     return captions
 
 
+def shard_samples(urls: Iterable[str], handler: Callable[[Exception], bool], policy: remote.RetryPolicy | None = None,
+                  stats: remote.ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", ext: bytes}) of the shards in order, local or remote.
+
+    WebDataset's own tar reader and key grouping, behind gannet's opener: local files and `pipe:`
+    commands as WebDataset opens them, `s3://` and `http(s)://` through trainer.remote (retried,
+    resumed mid-shard, counted in `stats`). An error ends its shard (reported once to `handler`,
+    which returns whether to go on with the next one).
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def files() -> Iterator[dict[str, Any]]:
+        for url in urls:
+            try:
+                stream = remote.open_shard(url, policy, stats) if remote.is_remote(url) else wds.gopen(url)
+                try:
+                    for item in tar_file_iterator(stream):
+                        item["__url__"] = url
+                        yield item
+                finally:
+                    stream.close()
+            except Exception as exn:  # noqa: BLE001 (the handler decides)
+                exn.args = (*exn.args, f"@ {url}")
+                if not handler(exn):
+                    return
+            yield {}  # end of shard: a sample never spans two shards
+
+    return group_by_keys(files(), handler=handler)
+
+
 def first_captions(urls: list[str], n: int) -> list[tuple[str, int]]:
     """(first caption, class or -1) of the first `n` captioned samples, in shard order: the fixed
     prompts behind a text-to-image run's sample grids (the same for every run on these shards)."""
     found: list[tuple[str, int]] = []
-    for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue):
+    for sample in shard_samples(urls, handler=wds.warn_and_continue):
         if "txt" in sample:
             found.append((sample_captions(sample)[0], int(sample["cls"]) if "cls" in sample else -1))
             if len(found) == n:
@@ -119,17 +158,19 @@ class StreamPosition:
     consumed: list[int]  # raw samples taken from the shuffle buffer in the current epoch
     next_worker: int = 0
     errors: int = 0  # samples/shards skipped so far, over the whole run (this rank)
+    retries: int = 0  # transient read failures retried (remote shards), over the whole run (this rank)
 
     @classmethod
     def start(cls, workers: int) -> "StreamPosition":
         return cls(epochs=[0] * workers, consumed=[0] * workers)
 
     def state_dict(self) -> dict:
-        return {"epochs": list(self.epochs), "consumed": list(self.consumed), "next_worker": self.next_worker, "errors": self.errors}
+        return {"epochs": list(self.epochs), "consumed": list(self.consumed), "next_worker": self.next_worker,
+                "errors": self.errors, "retries": self.retries}
 
     @classmethod
     def from_state(cls, state: dict) -> "StreamPosition":
-        return cls(**state)
+        return cls(**state)  # a checkpoint from before `retries` existed starts that count at 0
 
 
 @dataclass
@@ -159,6 +200,8 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.position.next_worker) % self.workers
         epoch, skip = self.position.epochs[worker], self.position.consumed[worker]
         counters = _WorkerCounters()
+        reads = remote.ReadStats()  # retries happen in this worker; the count travels with each batch
+        policy = remote.RetryPolicy(self.cfg.retries, self.cfg.retry_backoff)
         encoder = SentenceEncoder(self.cfg.text_encoder) if self.cfg.text_encoder else None
 
         def on_error(exn: Exception) -> bool:
@@ -170,7 +213,7 @@ class ShardStream(IterableDataset):
 
         while True:
             shards = self.shards_for(epoch, worker)
-            raw = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
+            raw = shard_samples(shards, on_error, policy, reads)
             buffer = self.cfg.shuffle_buffer
             shuffled = wds.shuffle(buffer, initial=buffer, seed=f"{self.seed}/{epoch}/{self.rank}/{worker}")(raw)
             consumed, batch, captions, decoded, yielded = 0, [], [], 0, False
@@ -194,7 +237,8 @@ class ShardStream(IterableDataset):
                     collated = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
                     if encoder is not None:
                         collated["text_emb"], captions = encoder(captions), []
-                    yield collated, {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": counters.errors}
+                    yield collated, {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": counters.errors,
+                                     "retries": reads.retries}
                     batch, yielded = [], True
             if not yielded and skip == 0:  # a whole pass without one batch would loop forever: say so instead
                 raise DataError(
@@ -224,8 +268,8 @@ class DataStream:
                 f"the checkpoint's data position has {len(self.position.epochs)} loader worker(s) but data.num_workers "
                 f"gives {workers}; resume with data.num_workers={len(self.position.epochs)}"
             )
-        self.errors_at_start = self.position.errors
-        self._worker_errors = [0] * workers
+        self.errors_at_start, self.retries_at_start = self.position.errors, self.position.retries
+        self._worker_errors, self._worker_retries = [0] * workers, [0] * workers
         dataset = ShardStream(self.urls, cfg, rank=rank, world=world, seed=seed, position=self.position)
         self._loader = wds.WebLoader(
             dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -247,6 +291,8 @@ class DataStream:
         self.position.next_worker = (worker + 1) % len(self.position.epochs)
         self._worker_errors[worker] = meta["errors"]
         self.position.errors = self.errors_at_start + sum(self._worker_errors)
+        self._worker_retries[worker] = meta["retries"]
+        self.position.retries = self.retries_at_start + sum(self._worker_retries)
         if self.position.errors > self.cfg.max_errors:
             raise DataError(
                 f"{self.position.errors} corrupt samples/shards skipped, over the budget data.max_errors="
@@ -283,6 +329,10 @@ class UnpairedPosition:
     def errors(self) -> int:
         return self.a.errors + self.b.errors
 
+    @property
+    def retries(self) -> int:
+        return self.a.retries + self.b.retries
+
     def state_dict(self) -> dict:
         return {"a": self.a.state_dict(), "b": self.b.state_dict()}
 
@@ -307,7 +357,8 @@ B_SEED_OFFSET = 7_777_777  # stream B's seed: apart from A's, so the two are shu
 def stream_urls(cfg: DataConfig) -> list[list[str]]:
     """Shard URLs of each stream: [A], or [A, B] when `data.shards_b` is set. Called before any
     process group exists, so a wrong path fails at once."""
-    return [expand_urls(pattern) for pattern in (cfg.shards, cfg.shards_b) if pattern]
+    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff)
+    return [expand_urls(pattern, policy) for pattern in (cfg.shards, cfg.shards_b) if pattern]
 
 
 def open_stream(urls: list[list[str]], cfg: DataConfig, *, rank: int, world: int, seed: int,
@@ -328,7 +379,7 @@ def first_images(urls: list[str], cfg: DataConfig, n: int) -> tuple[torch.Tensor
     is skipped with a warning, as in training."""
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue):
+    for sample in shard_samples(urls, handler=wds.warn_and_continue):
         try:
             item = decode_image_sample(sample, cfg.image_size, cfg.channels)
         except Exception as exn:
@@ -343,9 +394,35 @@ def first_images(urls: list[str], cfg: DataConfig, n: int) -> tuple[torch.Tensor
     return torch.stack(images), torch.stack(labels)
 
 
+def cache_beside(url: str, name: str) -> Path:
+    """Where to cache something derived from the shards at `url` (e.g. evaluation's classifier): beside
+    a local shard; for a remote one, under ~/.cache/gannet/ (XDG_CACHE_HOME), in a folder named by the
+    shards' prefix, since the store itself may be read-only to training jobs."""
+    if not remote.is_remote(url):
+        return Path(url).parent / name
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gannet"
+    folder = root / hashlib.sha256(remote.parent(url).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def shards_exist(pattern: str) -> bool:
+    """Whether a shard pattern names anything (local or remote), without raising."""
+    try:
+        return bool(expand_urls(pattern))
+    except ConfigError:
+        return False
+
+
 def heldout_beside(shards: str) -> str:
-    """`val-*.tar` in the folder of the first training shard: the held-out split `gannet shards` writes."""
-    return str(Path(expand_urls(shards)[0]).parent / "val-*.tar")
+    """`val-*.tar` in the folder (or under the prefix) of the first training shard: the held-out split
+    `gannet shards` writes."""
+    first = expand_urls(shards)[0]
+    if remote.is_remote(first):
+        return f"{remote.parent(first)}/val-*.tar"
+    return str(Path(first).parent / "val-*.tar")
 
 
 class ShardExamples:
@@ -365,5 +442,5 @@ class ShardExamples:
         pattern = source or self.cfg.eval.heldout
         if not pattern:
             beside = heldout_beside(self.cfg.data.shards)
-            pattern = beside if glob.glob(beside) else self.cfg.data.shards
+            pattern = beside if shards_exist(beside) else self.cfg.data.shards
         return first_captions(expand_urls(pattern), n)

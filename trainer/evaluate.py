@@ -26,7 +26,7 @@ from torch import nn
 from models.recipes.base import Recipe
 from trainer.captions import attribute_agreement
 from trainer.schema import Config
-from trainer.data import expand_urls, first_images, heldout_beside
+from trainer.data import cache_beside, expand_urls, first_images, heldout_beside
 from trainer.errors import ConfigError, GannetError
 from trainer.images import save_grid
 from trainer.report import write_report
@@ -160,13 +160,12 @@ class Evaluator:
     training and held-out sets. `score` then rates any batch of generated images."""
 
     def __init__(self, cfg: Config):
-        first_shard = Path(expand_urls(cfg.data.shards)[0])
         self.train = first_images(expand_urls(cfg.data.shards), cfg.data, 10_000)
         self.heldout = first_images(expand_urls(cfg.eval.heldout or heldout_beside(cfg.data.shards)), cfg.data, cfg.eval.samples)
         if cfg.eval.extractor == "inception":
             self.extractor: ClassifierFeatures | InceptionFeatures = InceptionFeatures(cfg.eval.inception)
         else:
-            cache = first_shard.parent / ".gannet-classifier.safetensors"
+            cache = cache_beside(expand_urls(cfg.data.shards)[0], ".gannet-classifier.safetensors")
             self.extractor = ClassifierFeatures(*classifier_for(cfg, self.train, self.heldout, cache))
         with torch.no_grad():
             self.train_feats = self.extractor.features(self.train[0])

@@ -171,6 +171,7 @@ def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.
     record = {f"train/{k}": v for k, v in zip(names, values)}
     record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in job.schedulers.items()})
     record["data/skipped"] = float(engine.data.position.errors)
+    record["data/retries"] = float(engine.data.position.retries)  # remote shards: transient failures retried
     record["train/nonfinite_steps"] = float(engine.nonfinite_steps)
     record["perf/images_per_s"] = meter.images_per_s(step)
     tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})

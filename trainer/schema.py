@@ -15,7 +15,7 @@ from typing import Any, Literal
 class DataConfig:
     """Where the shards are and how samples become batches."""
 
-    shards: str = "data/mnist/train-{000000..000008}.tar"  # brace pattern, glob, or pipe:
+    shards: str = "data/mnist/train-{000000..000008}.tar"  # brace pattern, glob, s3://bucket/prefix/, http(s)://, pipe:
     image_size: int = 28
     channels: int = 1
     batch_size: int = 64  # per process
@@ -26,6 +26,8 @@ class DataConfig:
     shards_b: str = ""  # a second, independently shuffled stream (domain B of unpaired translation, e.g. CycleGAN)
     load_size: int = 0  # resize to this side, then random-crop image_size (CycleGAN's 286 -> 256); 0 = resize only
     flip: bool = False  # random horizontal flips
+    retries: int = 5  # remote shards: retries of a transient network failure (per request), before the shard is skipped
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles with each one (jittered, at most 30 s)
 
 
 @dataclass

@@ -3,11 +3,15 @@
 Samples are written as `KEY.png` (+ `KEY.cls`, + `KEY.txt`: captions, one per line) in plain tar files through `webdataset.ShardWriter`,
 so anything that reads WebDataset reads them, and anything that writes standard shards feeds gannet.
 A shard set appears all at once: it is written into a temporary folder and moved into place, so an
-interrupted conversion never leaves a half set that training would silently read.
+interrupted conversion never leaves a half set that training would silently read. For an object
+store (`--out s3://...`) each finished shard is handed to `on_each_shard`'s callback (which uploads
+it) as soon as it is closed, so local disk holds about one shard at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import io
 import json
@@ -69,10 +73,24 @@ def load_mnist(images: Path | None, labels: Path | None) -> tuple[np.ndarray, np
     return x, y.astype(np.int64)
 
 
+_finished_shard: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("finished_shard", default=None)
+
+
+@contextlib.contextmanager
+def on_each_shard(callback: Callable[[str], None]) -> Iterator[None]:
+    """Within this block, every shard `write_split` closes is passed (its local path) to `callback`."""
+    token = _finished_shard.set(callback)
+    try:
+        yield
+    finally:
+        _finished_shard.reset(token)
+
+
 def write_split(samples: Iterable[tuple[str, dict[str, bytes]]], out: Path, split: str, shard_size: int) -> int:
     """Write (key, {ext: bytes}) samples to OUT/SPLIT-000000.tar, ...; returns the shard count."""
     out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
+                         post=_finished_shard.get()) as sink:
         for key, fields in samples:
             sink.write({"__key__": key, **fields})
         return sink.shard  # shards opened so far
