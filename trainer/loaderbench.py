@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from trainer import remote
-from trainer.config import DataConfig
+from trainer.schema import DataConfig
 from trainer.data import DataStream, expand_urls
 
 
