@@ -95,6 +95,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
     p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
 
+    add_bench_parser(sub)
+    return parser, {**COMMANDS, **add_plugin_commands(sub)}
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`gannet bench`: its tables, and the alternatives (--reference-step, --loader)."""
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
         "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
@@ -112,7 +118,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--loader", nargs="*", metavar="SHARDS", help=(
         "instead: time the data loader alone on data.shards and on each SHARDS given (e.g. an s3://BUCKET/PREFIX/), "
         "--steps batches each, in turns"))
-    return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
 def main(argv: list[str] | None = None) -> int:
