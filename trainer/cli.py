@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
     add_slurm_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
@@ -277,3 +278,27 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
             "slurm": cmd_slurm}
+
+
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a run's checkpoints against their manifests", description=(
+        "Check every checkpoint of RUN_DIR against its manifest (each file's size and sha256): one line per "
+        "checkpoint, ok or what is damaged. Exit 0 if none is damaged, 1 if any is, 2 if RUN_DIR is not a run. "
+        "Checkpoints from gannet versions without manifests are listed as unverified."))
+    p.add_argument("run_dir", type=Path)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import checkpoint_dir, verify_run
+
+    if not (args.run_dir / "config.yaml").is_file() and not checkpoint_dir(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir} is not a gannet run directory (no config.yaml, no checkpoints/)")
+    verdicts = verify_run(args.run_dir)
+    for verdict in verdicts:
+        print(verdict.line())
+    if not verdicts:
+        print(f"{args.run_dir}: no checkpoints")
+    return 1 if any(v.status == "damaged" for v in verdicts) else 0
+
+
+COMMANDS["verify"] = cmd_verify
