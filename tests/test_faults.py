@@ -1,0 +1,129 @@
+"""Faults injected into real runs: damaged checkpoints, crafted pickles, a full disk.
+
+Every run here is the real CLI in its own process (`tests.conftest.gannet`, one OpenMP thread).
+What each test proves is listed in README.md, "Reliability".
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import gannet, tiny_overrides
+from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
+from trainer.safe_load import check_torch_file, weights_only_loads
+from trainer.tracking import read_metrics as metrics
+
+TINY = {"data.batch_size": 16, "model.g_width": 8, "model.d_width": 8, "train.num_samples": 4}
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+# -- a damaged latest checkpoint: reported, skipped for the previous one, resumed exactly ----------
+
+def test_damaged_latest_checkpoint_is_skipped_on_resume_and_reported_by_verify(small_shards, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_shards, run, **{**TINY, "train.steps": 8, "train.checkpoint_every": 4,
+                                                     "train.log_every": 4, "train.sample_every": 8})
+    gannet("train", "lsgan_mnist", *overrides)
+    intact = (ckpt(run, 8) / "G.safetensors").read_bytes()
+    assert [v.line() for v in verify_run(run)] == ["step-00000004: ok", "step-00000008: ok"]
+
+    d_file = ckpt(run, 8) / "D.safetensors"
+    size = d_file.stat().st_size
+    d_file.write_bytes(d_file.read_bytes()[: size // 2])  # a copy cut short
+    damaged = gannet("verify", str(run), check=False)
+    assert damaged.returncode == 1
+    assert damaged.stdout.splitlines() == [
+        "step-00000004: ok", f"step-00000008: DAMAGED: D.safetensors has {size // 2} bytes, the manifest says {size}"]
+
+    resumed = gannet("train", "lsgan_mnist", *overrides, "resume=auto")
+    assert f"checkpoint {ckpt(run, 8)} is damaged (D.safetensors has {size // 2} bytes, the manifest says {size}): skipped" \
+        in resumed.stderr
+    assert f"resumed {ckpt(run, 4)} at step 4" in resumed.stderr
+    assert (ckpt(run, 8) / "G.safetensors").read_bytes() == intact  # steps 5-8 again, bit for bit
+    assert [r["step"] for r in metrics(run)] == [4, 8]
+    assert [v.status for v in verify_run(run)] == ["ok", "ok"]
+
+
+def test_verify_refuses_a_path_that_is_not_a_run(tmp_path):
+    result = gannet("verify", str(tmp_path / "nowhere"), check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"gannet: error: {tmp_path / 'nowhere'} is not a gannet run directory "
+                                                  f"(no config.yaml, no checkpoints/)"]
+
+
+# -- untrusted DeepSpeed state: a pickle that would run code is refused, not run ------------------
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted_torch_file(path: Path, marker: Path) -> None:
+    torch.save({"module": {"w": torch.zeros(3)}, "payload": RunsCode(marker)}, path)
+
+
+def test_torch_file_whose_pickle_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted_torch_file(tmp_path / "state.pt", marker)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*state.pt: its pickle asks for posix.system, "
+                                              r"which could run code"):
+        check_torch_file(tmp_path / "state.pt")
+    assert not marker.exists()
+    with open(tmp_path / "proof.pkl", "wb") as f:  # the same bytes unpickled plainly do run it: the test can fail
+        pickle.dump(RunsCode(marker), f)
+    with open(tmp_path / "proof.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_deepspeeds_own_load_is_forced_to_weights_only(tmp_path, monkeypatch):
+    """Second layer: a file that changes after the check is still unpickled by DeepSpeed's
+    TorchCheckpointEngine.load (weights_only=False in its source) under torch's restricted unpickler."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "deepspeed_G"
+    folder.mkdir()
+    with weights_only_loads(folder):  # nothing to check yet: the file appears after the check
+        crafted_torch_file(folder / "late.pt", marker)
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            TorchCheckpointEngine().load(str(folder / "late.pt"), map_location="cpu")
+    assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_crafted_deepspeed_checkpoint_is_refused_on_resume(small_shards, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    overrides = tiny_overrides(small_shards, run, **{**TINY, "train.strategy": "deepspeed", "train.steps": 2,
+                                                     "train.checkpoint_every": 2, "train.log_every": 2, "train.sample_every": 2})
+    gannet("train", "lsgan_mnist", *overrides)
+    target = ckpt(run, 2) / "deepspeed_D" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert target.is_file()
+    crafted_torch_file(target, marker)
+    write_manifest(ckpt(run, 2), 2)  # an attacker ships a consistent manifest: integrity is not trust
+    assert verify_checkpoint(ckpt(run, 2)).status == "ok"
+
+    result = gannet("train", "lsgan_mnist", *overrides, "train.steps=4", "resume=auto", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert last_line(result) == (f"gannet: error: refusing to load {target}: its pickle asks for posix.system, which could "
+                                 f"run code; a DeepSpeed checkpoint holds only tensors and DeepSpeed's own state types")
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
