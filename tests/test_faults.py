@@ -127,3 +127,35 @@ def test_crafted_deepspeed_checkpoint_is_refused_on_resume(small_shards, tmp_pat
                                  f"run code; a DeepSpeed checkpoint holds only tensors and DeepSpeed's own state types")
     assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+# -- a full disk during a checkpoint: the previous one intact, one clear line ----------------------
+
+@pytest.fixture
+def checkpoint_disk(tmp_path):
+    """RUN/checkpoints on a real tmpfs of its own (root with CAP_SYS_ADMIN, as in CI), which the
+    test can shrink; skipped, with the reason, where mounting is not allowed."""
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_shards, tmp_path, checkpoint_disk):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_shards, run, **{**TINY, "train.steps": 4, "train.checkpoint_every": 4,
+                                                     "train.log_every": 4, "train.sample_every": 4})
+    gannet("train", "lsgan_mnist", *overrides)
+    stats = os.statvfs(checkpoint_disk)
+    used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={used * 3 // 2}", str(checkpoint_disk)], check=True)  # room for half a checkpoint
+
+    result = gannet("train", "lsgan_mnist", *overrides, "train.steps=8", "resume=auto", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == (f"gannet: error: could not write checkpoint {ckpt(run, 8)}: No space left on device; "
+                                 f"the latest complete checkpoint ({ckpt(run, 4)}) is intact")
+    assert [p.name for p in checkpoint_disk.iterdir()] == ["step-00000004"]  # no half-written debris
+    assert [v.line() for v in verify_run(run)] == ["step-00000004: ok"]
