@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import gannet, tiny_overrides
 from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
+from trainer.config import DataConfig
+from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
+from trainer.errors import DataError
 from trainer.safe_load import check_torch_file, weights_only_loads
 from trainer.tracking import read_metrics as metrics
 
@@ -159,3 +163,71 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_shards, tmp_
                                  f"the latest complete checkpoint ({ckpt(run, 4)}) is intact")
     assert [p.name for p in checkpoint_disk.iterdir()] == ["step-00000004"]  # no half-written debris
     assert [v.line() for v in verify_run(run)] == ["step-00000004: ok"]
+
+
+# -- random byte corruption and truncation of shards: counted, or the budget's message -------------
+
+def corrupt_shards(src: Path, dst: Path, seed: int) -> set[str]:
+    """Copy the shards; flip 20 random bytes in each of two random shards and cut a third (maybe
+    the same) at a random point. Returns the names of the damaged shards."""
+    rng = np.random.default_rng(seed)
+    dst.mkdir()
+    shards = [Path(shutil.copy(shard, dst / shard.name)) for shard in sorted(src.glob("train-*.tar"))]
+    damaged = set()
+    for i in rng.choice(len(shards), 2, replace=False):
+        data = bytearray(shards[i].read_bytes())
+        for pos in rng.integers(0, len(data), 20):
+            data[pos] ^= int(rng.integers(1, 256))
+        shards[i].write_bytes(bytes(data))
+        damaged.add(shards[i].name)
+    cut = shards[int(rng.integers(len(shards)))]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: int(rng.integers(len(data) // 4, len(data))) | 1])  # odd: never on a tar block boundary
+    return damaged | {cut.name}
+
+
+SEEDS = range(10)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_corrupt_shards_every_damage_is_counted_and_budgeted(small_shards, tmp_path, seed):
+    damaged = corrupt_shards(small_shards, tmp_path / "bad", seed)
+    urls = expand_urls(f"{tmp_path / 'bad'}/train-*.tar")
+    for url in urls:  # each damaged shard reports at least one error; intact ones none
+        errors = []
+        for sample in shard_samples([url], handler=lambda exn: errors.append(exn) or True):
+            try:
+                decode_image_sample(sample, 28, 1)
+            except Exception as exn:  # noqa: BLE001 - what ShardStream counts
+                errors.append(exn)
+        assert bool(errors) == (Path(url).name in damaged), (url, errors)
+    cfg = DataConfig(shards=f"{tmp_path / 'bad'}/train-*.tar", batch_size=16, num_workers=0, shuffle_buffer=50, max_errors=1000)
+    stream = DataStream(urls, cfg, rank=0, world=1, seed=seed)
+    for _ in range(40):  # about two passes over what is readable
+        assert next(stream)["image"].shape == (16, 1, 28, 28)
+    assert stream.position.errors >= len(damaged)
+    strict = DataConfig(**{**cfg.__dict__, "max_errors": len(damaged) - 1})
+    stream = DataStream(urls, strict, rank=0, world=1, seed=seed)
+    with pytest.raises(DataError, match=rf"corrupt samples/shards skipped, over the budget data.max_errors={len(damaged) - 1}; "):
+        for _ in range(40):
+            next(stream)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.slow) if s > 1 else s for s in SEEDS])
+def test_training_on_corrupt_shards_completes_counted_or_stops_with_the_budget_message(small_shards, tmp_path, seed):
+    """The real CLI on each corruption: even seeds with the default budget (completes, skips
+    counted), odd seeds with a budget of 1 (exit 1, the budget's line); never a traceback.
+    Seeds 0 and 1 run in `make test`; all ten with `pytest -m slow -k corrupt_shards`."""
+    corrupt_shards(small_shards, tmp_path / "bad", seed)
+    run = tmp_path / "run"
+    budget = {"data.max_errors": 1} if seed % 2 else {}
+    result = gannet("train", "lsgan_mnist", *tiny_overrides(tmp_path / "bad", run, **{
+        **TINY, **budget, "seed": seed, "train.steps": 6, "train.log_every": 3, "train.sample_every": 6,
+        "train.checkpoint_every": 6}), check=False)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if seed % 2:
+        assert result.returncode == 1
+        assert last_line(result).startswith("gannet: error: ") and "over the budget data.max_errors=1;" in last_line(result)
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert metrics(run)[-1]["data/skipped"] > 0 and verify_run(run)[-1].status == "ok"
