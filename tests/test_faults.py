@@ -9,18 +9,23 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.conftest import gannet, tiny_overrides
+from tests.conftest import REPO, gannet, tiny_overrides, without_perf
 from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
 from trainer.config import DataConfig
 from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
 from trainer.errors import DataError
+from trainer.statefile import load_state
 from trainer.safe_load import check_torch_file, weights_only_loads
 from trainer.tracking import read_metrics as metrics
 
@@ -231,3 +236,73 @@ def test_training_on_corrupt_shards_completes_counted_or_stops_with_the_budget_m
     else:
         assert result.returncode == 0, result.stderr[-3000:]
         assert metrics(run)[-1]["data/skipped"] > 0 and verify_run(run)[-1].status == "ok"
+
+
+# -- SIGKILL at many points of a run, mid-checkpoint included: the resumed run is bit-identical ----
+
+KILL_RUN = {**TINY, "train.steps": 12, "train.checkpoint_every": 2, "train.log_every": 1, "train.sample_every": 6,
+            "data.num_workers": 2}
+# (event, step): "writing" = the checkpoint's temp folder exists (the writer is paused inside it by
+# GANNET_TEST_SLOW_CHECKPOINT), "written" = the checkpoint was renamed into place, "logged" = the
+# metrics row is written, "sampled" = the sample grid is written. In order: each resumed process
+# runs on to the next point.
+KILL_POINTS = [("writing", 2), ("written", 2), ("logged", 3), ("writing", 4), ("written", 4), ("sampled", 6),
+               ("writing", 8), ("logged", 9), ("writing", 10), ("written", 12)]
+
+
+def reached(run: Path, event: str, step: int) -> bool:
+    if event == "writing":
+        return (run / "checkpoints" / f".tmp-step-{step:08d}").exists()
+    if event == "written":
+        return ckpt(run, step).exists()
+    if event == "sampled":
+        return (run / "samples" / f"step-{step:08d}.png").exists()
+    rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    return any(f'"step": {step},' in row for row in rows)
+
+
+def train_until_killed(overrides: list[str], run: Path, event: str, step: int) -> None:
+    """Start `gannet train ... resume=auto`, SIGKILL its whole process group at the point."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
+           "GANNET_TEST_SLOW_CHECKPOINT": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides, "resume=auto"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not reached(run, event, step):
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before {event} {step}"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # trainer and loader workers, no chance to clean up
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    gannet("train", "lsgan_mnist", *tiny_overrides(small_shards, run, **KILL_RUN))
+    return run
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    for name in ("G", "D"):
+        wa, wb = (load_file(str(ckpt(run, step) / f"{name}.safetensors")) for run in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{name} weights differ"
+    sa, sb = (load_state(ckpt(run, step) / "shared")["engine"]["optimizers"] for run in (a, b))
+    for name in ("G", "D"):
+        assert all(torch.equal(sa[name]["state"][i]["exp_avg_sq"], sb[name]["state"][i]["exp_avg_sq"]) for i in sa[name]["state"])
+    assert without_perf(metrics(a)) == without_perf(metrics(b))  # one history, nothing repeated or missing
+
+
+@pytest.mark.parametrize("points", [
+    pytest.param([("writing", 4)], id="mid-checkpoint"),
+    pytest.param(KILL_POINTS, id="ten-points", marks=pytest.mark.slow),
+])
+def test_sigkill_at_each_point_then_resume_is_bit_identical(small_shards, tmp_path, uninterrupted, points):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_shards, run, **KILL_RUN)
+    for event, step in points:
+        train_until_killed(overrides, run, event, step)
+    assert (run / "checkpoints" / ".tmp-step-00000004").exists() or points != [("writing", 4)]  # killed inside the writer
+    resumed = gannet("train", "lsgan_mnist", *overrides, "resume=auto")
+    assert "resumed" in resumed.stderr or not list((run / "checkpoints").glob("step-*"))
+    assert [v.status for v in verify_run(run)] == ["ok"] * len(verify_run(run))
+    assert_same_run(uninterrupted, run, 12)
