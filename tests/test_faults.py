@@ -24,6 +24,7 @@ from tests.conftest import REPO, gannet, tiny_overrides, without_perf
 from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
 from trainer.config import DataConfig
 from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
+from trainer.engine import free_port
 from trainer.errors import DataError
 from trainer.statefile import load_state
 from trainer.safe_load import check_torch_file, weights_only_loads
@@ -261,12 +262,24 @@ def reached(run: Path, event: str, step: int) -> bool:
     return any(f'"step": {step},' in row for row in rows)
 
 
-def train_until_killed(overrides: list[str], run: Path, event: str, step: int) -> None:
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu"}
+
+
+def launch(processes: int) -> tuple[list[str], dict[str, str]]:
+    """The command prefix and environment for `processes` CPU processes (accelerate launch, gloo)."""
+    if processes == 1:
+        return [sys.executable, "-m", "trainer"], ENV
+    return ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+             str(free_port()), "-m", "trainer"], {**ENV, "ACCELERATE_USE_CPU": "1"})
+
+
+def train_until_killed(overrides: list[str], run: Path, event: str, step: int, processes: int = 1) -> None:
     """Start `gannet train ... resume=auto`, SIGKILL its whole process group at the point."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
-           "GANNET_TEST_SLOW_CHECKPOINT": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides, "resume=auto"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    prefix, env = launch(processes)
+    proc = subprocess.Popen([*prefix, "train", "lsgan_mnist", *overrides, "resume=auto"], cwd=REPO,
+                            env={**env, "GANNET_TEST_SLOW_CHECKPOINT": "0.5"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not reached(run, event, step):
         assert proc.poll() is None and time.time() < deadline, f"the run ended before {event} {step}"
@@ -306,3 +319,49 @@ def test_sigkill_at_each_point_then_resume_is_bit_identical(small_shards, tmp_pa
     assert "resumed" in resumed.stderr or not list((run / "checkpoints").glob("step-*"))
     assert [v.status for v in verify_run(run)] == ["ok"] * len(verify_run(run))
     assert_same_run(uninterrupted, run, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_sigkill_of_a_two_process_run_then_resume_is_bit_identical(small_shards, tmp_path, strategy):
+    """Two processes (DDP, or ZeRO-2 DeepSpeed engines), killed inside the checkpoint writer and
+    again just after a save, resumed: the same weights as an uninterrupted 2-process run."""
+    extra = {**KILL_RUN, "data.num_workers": 1, "train.strategy": strategy, "train.steps": 8, "train.sample_every": 8}
+    if strategy == "deepspeed":
+        extra.update({"optim.g.zero_stage": 2, "optim.d.zero_stage": 2})
+    env = launch(2)[1]
+
+    def finish(run: Path, *more: str) -> None:
+        result = subprocess.run([*launch(2)[0], "train", "lsgan_mnist", *tiny_overrides(small_shards, run, **extra), *more],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    finish(tmp_path / "straight")
+    run = tmp_path / "killed"
+    for event, step in [("writing", 4), ("written", 6)]:
+        train_until_killed(tiny_overrides(small_shards, run, **extra), run, event, step, processes=2)
+    finish(run, "resume=auto")
+    for name in ("G", "D"):
+        a, b = (load_file(str(ckpt(r, 8) / f"{name}.safetensors")) for r in (tmp_path / "straight", run))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after a {strategy} SIGKILL + resume"
+    assert without_perf(metrics(run)) == without_perf(metrics(tmp_path / "straight"))
+    assert all(v.status == "ok" for v in verify_run(run))
+
+
+# -- W&B unreachable: the run trains to the end, logs offline, and says so -------------------------
+
+@pytest.mark.slow
+def test_training_with_wandb_unreachable_completes_and_logs_offline(small_shards, tmp_path):
+    """Online W&B with nothing listening at its address (about 75 s here: W&B's 30 s init timeout
+    runs beside training, then the offline fallback; the loop itself never waits for it)."""
+    run = tmp_path / "run"
+    env = {**ENV, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *tiny_overrides(small_shards, run, **{
+        **TINY, "train.steps": 6, "train.log_every": 3, "train.sample_every": 6, "train.checkpoint_every": 6,
+        "log.wandb": "online"})], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert time.perf_counter() - started < 300
+    assert "logging offline instead, upload later with wandb sync" in result.stderr
+    assert [r["step"] for r in metrics(run)] == [3, 6] and verify_run(run)[-1].status == "ok"
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -65,18 +65,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies (or an unverified pre-manifest one, see the module
-    docstring); None if the run has none. Each damaged one skipped is logged with what is wrong;
-    if checkpoints exist but none is usable, that is an error rather than a silent fresh start."""
-    verdicts = verify_run(run_dir)
-    for verdict in reversed(verdicts):
+    docstring); None if the run has none. Checked newest first, so an intact latest one is the
+    only one hashed; each damaged one skipped is logged with what is wrong. If checkpoints exist
+    but none is usable, that is an error rather than a silent fresh start."""
+    found = list_checkpoints(run_dir)
+    for i in reversed(range(len(found))):
+        verdict = _verdict(found[i], older_has_manifest=any((p / MANIFEST).exists() for p in found[:i]))
         if verdict.status == "ok":
             return verdict.path
         if verdict.status == "unverified":
             log.warning("checkpoint %s has no manifest (written by an earlier gannet): using it unverified", verdict.path)
             return verdict.path
         log.warning("checkpoint %s is damaged (%s): skipped", verdict.path, "; ".join(verdict.problems))
-    if verdicts:
-        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir(run_dir)}: all {len(verdicts)} are damaged "
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir(run_dir)}: all {len(found)} are damaged "
                               f"(run `gannet verify {run_dir}` for details)")
     return None
 
@@ -148,16 +150,18 @@ def verify_checkpoint(path: Path) -> Verdict:
 
 
 def verify_run(run_dir: Path) -> list[Verdict]:
-    """Verdicts for every checkpoint of a run, oldest first. A checkpoint without a manifest that
-    is newer than one with a manifest lost it (this version always writes one): damaged."""
-    verdicts, manifests_seen = [], False
-    for path in list_checkpoints(run_dir):
-        verdict = verify_checkpoint(path)
-        if verdict.status == "unverified" and manifests_seen:
-            verdict = Verdict(path, "damaged", [f"{MANIFEST} is missing (an older checkpoint of this run has one)"])
-        manifests_seen = manifests_seen or (path / MANIFEST).exists()
-        verdicts.append(verdict)
-    return verdicts
+    """Verdicts for every checkpoint of a run, oldest first."""
+    found = list_checkpoints(run_dir)
+    return [_verdict(path, older_has_manifest=any((p / MANIFEST).exists() for p in found[:i])) for i, path in enumerate(found)]
+
+
+def _verdict(path: Path, *, older_has_manifest: bool) -> Verdict:
+    """`verify_checkpoint`, plus the run's history: a checkpoint without a manifest that is newer
+    than one with a manifest lost it (this version always writes one), so it is damaged."""
+    verdict = verify_checkpoint(path)
+    if verdict.status == "unverified" and older_has_manifest:
+        return Verdict(path, "damaged", [f"{MANIFEST} is missing (an older checkpoint of this run has one)"])
+    return verdict
 
 
 def rng_state() -> dict[str, Any]:
