@@ -4,7 +4,6 @@ or one ConfigError of one line (exit 2 from the CLI, nothing written), never ano
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
