@@ -1,18 +1,33 @@
-"""Atomic, pickle-free checkpoints: RUN/checkpoints/step-00001234/.
+"""Atomic, verified, pickle-free checkpoints: RUN/checkpoints/step-00001234/.
 
 A checkpoint is a folder. Every rank writes into `.tmp-step-N/` (rank 0 the shared state: network
 weights as safetensors, optimizers, schedulers, counters; each rank its own RNG states and data
-position), then rank 0 fsyncs and renames it to `step-N`. A rename is atomic, so a `step-*`
-folder is always complete: a run killed mid-save, or a full disk, leaves the previous checkpoint
-as the latest. Only the newest `keep` checkpoints are kept.
+position), then rank 0 writes `manifest.json` (size and sha256 of every file, DeepSpeed's per-rank
+files included), fsyncs and renames the folder to `step-N`. A rename is atomic, so a run killed
+mid-save, or a full disk, leaves the previous checkpoint as the latest. Only the newest `keep`
+checkpoints are kept.
+
+The manifest catches what atomicity cannot: a file truncated, lost or altered later (a disk, a
+copy between clusters, a person). Resume verifies it and falls back to the newest intact
+checkpoint, saying what is wrong with each one it skips; `gannet verify RUN_DIR` checks them all.
+
+Checkpoints without a manifest come from gannet versions before manifests. They cannot be
+verified: such a checkpoint is "unverified", and resume uses it (with a warning) only while no
+newer checkpoint carries a manifest. A checkpoint without a manifest that is newer than one with
+a manifest was written by this version and lost its manifest: it counts as damaged.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +40,15 @@ from trainer.errors import GannetError
 from trainer.statefile import load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "gannet-checkpoint/1"
+CHUNK = 1 << 20  # bytes hashed per read: memory stays flat whatever the file size
+
+log = logging.getLogger("gannet")
+
+
+class CheckpointError(GannetError):
+    """No usable checkpoint where one is needed, or one that cannot be read."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -40,8 +64,104 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies (or an unverified pre-manifest one, see the module
+    docstring); None if the run has none. Checked newest first, so an intact latest one is the
+    only one hashed; each damaged one skipped is logged with what is wrong. If checkpoints exist
+    but none is usable, that is an error rather than a silent fresh start."""
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    for i in reversed(range(len(found))):
+        verdict = _verdict(found[i], older_has_manifest=any((p / MANIFEST).exists() for p in found[:i]))
+        if verdict.status == "ok":
+            return verdict.path
+        if verdict.status == "unverified":
+            log.warning("checkpoint %s has no manifest (written by an earlier gannet): using it unverified", verdict.path)
+            return verdict.path
+        log.warning("checkpoint %s is damaged (%s): skipped", verdict.path, "; ".join(verdict.problems))
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir(run_dir)}: all {len(found)} are damaged "
+                              f"(run `gannet verify {run_dir}` for details)")
+    return None
+
+
+@dataclass
+class Verdict:
+    """What `verify_checkpoint` found: ok, damaged (with the problems), or unverified (no manifest)."""
+
+    path: Path
+    status: str  # "ok" | "damaged" | "unverified"
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.status == "damaged":
+            return f"{self.path.name}: DAMAGED: {'; '.join(self.problems)}"
+        if self.status == "unverified":
+            return f"{self.path.name}: unverified (no {MANIFEST}: written before checkpoints carried one)"
+        return f"{self.path.name}: ok"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record the size and hash of every file in `folder` (written last, after all ranks' files)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = folder / MANIFEST
+    manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+    _fsync(manifest)
+
+
+def verify_checkpoint(path: Path) -> Verdict:
+    """Check a checkpoint folder against its manifest: every listed file present with its size and
+    hash, and no file the manifest does not list (nothing may be slipped in beside the state)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return Verdict(path, "unverified")
+    try:
+        data = json.loads(manifest.read_text())
+        listed = data["files"]
+        if data.get("format") != MANIFEST_FORMAT or not isinstance(listed, dict):
+            raise ValueError(f"unknown format {data.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return Verdict(path, "damaged", [f"{MANIFEST} is unreadable ({exc})"])
+    problems = []
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    for rel in sorted(set(listed) - present):
+        problems.append(f"{rel} is missing")
+    for rel in sorted(present - set(listed)):
+        problems.append(f"{rel} is not in the manifest")
+    for rel in sorted(set(listed) & present):
+        entry = listed[rel]
+        size = (path / rel).stat().st_size
+        if not isinstance(entry, dict) or size != entry.get("size"):
+            problems.append(f"{rel} has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else '?'}")
+        elif file_sha256(path / rel) != entry.get("sha256"):
+            problems.append(f"{rel} does not match its sha256")
+    return Verdict(path, "damaged", problems) if problems else Verdict(path, "ok")
+
+
+def verify_run(run_dir: Path) -> list[Verdict]:
+    """Verdicts for every checkpoint of a run, oldest first."""
+    found = list_checkpoints(run_dir)
+    return [_verdict(path, older_has_manifest=any((p / MANIFEST).exists() for p in found[:i])) for i, path in enumerate(found)]
+
+
+def _verdict(path: Path, *, older_has_manifest: bool) -> Verdict:
+    """`verify_checkpoint`, plus the run's history: a checkpoint without a manifest that is newer
+    than one with a manifest lost it (this version always writes one), so it is damaged."""
+    verdict = verify_checkpoint(path)
+    if verdict.status == "unverified" and older_has_manifest:
+        return Verdict(path, "damaged", [f"{MANIFEST} is missing (an older checkpoint of this run has one)"])
+    return verdict
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,32 +209,77 @@ def save_checkpoint(
             save_state(shared, tmp / "shared")
         save_state(per_rank, tmp / f"rank{rank}")
         write_files(tmp)
+        _test_pause("GANNET_TEST_SLOW_CHECKPOINT")
         for path in tmp.rglob("*"):
             if path.is_file() and (path.name.startswith(f"rank{rank}.") or rank == 0):
                 _fsync(path)
-    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the latest complete checkpoint ({previous}) is intact" if previous else "no earlier checkpoint exists"
-        raise GannetError(f"could not write checkpoint {final}: {getattr(exc, 'strerror', None) or exc}; {kept}") from None
+    except Exception as exc:
+        _abandon(run_dir, tmp, final, exc)
     barrier()
     if rank == 0:
+        try:
+            write_manifest(tmp, step)  # last: a folder with a manifest was written whole
+            _fsync(tmp)
+        except Exception as exc:
+            _abandon(run_dir, tmp, final, exc)
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
+def _is_full_disk(exc: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of space. safetensors and torch.save (DeepSpeed's files)
+    raise their own exception types (torch's says only "unexpected pos ..."), so when the error
+    itself does not say, the filesystem is asked: under 1 MiB left counts as full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc):
+        return True
+    try:
+        stats = os.statvfs(folder if folder.exists() else folder.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < CHUNK
+
+
+def _abandon(run_dir: Path, tmp: Path, final: Path, exc: Exception) -> None:
+    """Remove a half-written checkpoint and say, in one line, why and what is still there. Only
+    I/O failures become that line; anything else is a bug and keeps its traceback."""
+    full = _is_full_disk(exc, tmp)
+    if not full and not isinstance(exc, (OSError, SafetensorError)):
+        raise exc
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = [p for p in list_checkpoints(run_dir) if verify_checkpoint(p).status != "damaged"]
+    kept = f"the latest complete checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
+    reason = "No space left on device" if full else (getattr(exc, "strerror", None) or str(exc))
+    raise CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}") from exc
+
+
+def _test_pause(variable: str) -> None:
+    """Test hook: sleep for the seconds in `variable`, so a test's SIGKILL can land mid-write."""
+    seconds = float(os.environ.get(variable, "0") or 0)
+    if seconds > 0:
+        import time
+
+        time.sleep(seconds)
+
+
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any] | None]:
-    """(weights per network, shared state, this rank's state or None if the run had fewer ranks)."""
-    shared = load_state(path / "shared")
-    weights = {name: load_file(str(path / f"{name}.safetensors")) for name in shared["networks"]}
-    own = path / f"rank{rank}.json"
-    return weights, shared, load_state(path / f"rank{rank}") if own.exists() else None
+    """(weights per network, shared state, this rank's state or None if the run had fewer ranks).
+    An unreadable file (an unverified checkpoint can hold one) is one clear error, not a traceback."""
+    try:
+        shared = load_state(path / "shared")
+        weights = {name: load_file(str(path / f"{name}.safetensors")) for name in shared["networks"]}
+        own = path / f"rank{rank}.json"
+        return weights, shared, load_state(path / f"rank{rank}") if own.exists() else None
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _fsync(path: Path) -> None:

@@ -96,6 +96,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
 
     add_bench_parser(sub)
+    add_verify_parser(sub)
     return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
@@ -299,11 +300,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
-
-
 def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Subcommands other packages add through the `gannet.commands` entry-point group (e.g. `slurm`
     from gannet's own launch package): each entry point is a function that adds its subparser to
     `sub` and returns the handler. Training code thus never imports its launchers."""
     return {ep.name: ep.load()(sub) for ep in entry_points(group="gannet.commands")}
+
+
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a run's checkpoints against their manifests", description=(
+        "Check every checkpoint of RUN_DIR against its manifest (each file's size and sha256): one line per "
+        "checkpoint, ok or what is damaged. Exit 0 if none is damaged, 1 if any is, 2 if RUN_DIR is not a run. "
+        "Checkpoints from gannet versions without manifests are listed as unverified."))
+    p.add_argument("run_dir", type=Path)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import checkpoint_dir, verify_run
+
+    if not (args.run_dir / "config.yaml").is_file() and not checkpoint_dir(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir} is not a gannet run directory (no config.yaml, no checkpoints/)")
+    verdicts = verify_run(args.run_dir)
+    for verdict in verdicts:
+        print(verdict.line())
+    if not verdicts:
+        print(f"{args.run_dir}: no checkpoints")
+    return 1 if any(v.status == "damaged" for v in verdicts) else 0
+
+
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+            "verify": cmd_verify}

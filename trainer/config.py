@@ -7,6 +7,7 @@ by the recipe it names: each recipe module declares its own `Params` dataclass.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import asdict, fields, is_dataclass
 from importlib import resources
@@ -77,9 +78,21 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
             continue
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+            raise ConfigError(f"override {_shown(item)} is not of the form key=value (e.g. train.steps=100)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {_shown(item)}: not valid YAML ({_yaml_problem(exc)})") from None
+        _set_dotted(raw, key.strip(), value)
     return config_from_dict(raw)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{type(exc).__name__}: {problem}{where}".split())
 
 
 def _read_yaml(path: Path) -> dict:
@@ -88,7 +101,9 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return raw
@@ -131,13 +146,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _shown(name: str) -> str:
+    """A user-typed key in quotes, escaped if it holds line breaks or other unprintable characters
+    (an error is always one line)."""
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+            raise ConfigError(f"override {_shown(key)}: {_shown(part)} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -147,9 +168,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted(set(raw) - set(names), key=str)  # YAML keys may be numbers, null, ...
     if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)})")
+        raise ConfigError(f"unknown key {_shown(prefix + str(unknown[0]))} (allowed in {prefix.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(names)})")
     values = {}
     for name in names:
         if name not in raw:
@@ -192,6 +214,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

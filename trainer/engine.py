@@ -377,12 +377,15 @@ class DeepSpeedEngine(Engine):
             engine.save_checkpoint(str(tmp_dir / f"deepspeed_{name}"), tag="state", save_latest=False)
 
     def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        from trainer.safe_load import weights_only_loads
+
         for name, state in weights.items():  # networks without an engine (an EMA copy): from the weights
             if name not in self.optimizers:
                 self.nets[name].load_state_dict(state)
         for name in self.optimizers:
-            self.nets[name].load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+            with weights_only_loads(ckpt_dir / f"deepspeed_{name}"):  # DeepSpeed's torch.load would run a crafted pickle
+                self.nets[name].load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
 
 
 def make_engine(cfg: Config) -> Engine:
