@@ -59,6 +59,7 @@ def train(cfg: Config) -> Path:
         tracker.advance()
         if watch.streak(engine) >= cfg.train.max_nonfinite:  # diverged: back to the last good checkpoint, or stop
             step = roll_back(cfg, job, tracker, watch, step, shard_urls)
+            meter = Throughput(cfg.images_per_step(engine.world), step)
             continue
         last = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or last:
