@@ -276,7 +276,5 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.load_size={cfg.data.load_size} must be 0 (off) or >= data.image_size={cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} is not allowed (choose one of: 1, 3)")
-    checker = getattr(cfg.recipe, "validate", None)
-    if checker is not None:
-        checker()
+    cfg.recipe.validate()  # every RecipeParams has it (the recipe contract)
 

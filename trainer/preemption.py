@@ -53,5 +53,5 @@ def agreed(engine: Engine) -> bool:
     if not _watching:
         return False
     flag = torch.tensor([float(_requested)], device=engine.device)
-    _requested = bool(engine.accelerator.reduce(flag, "sum").item() > 0)
+    _requested = bool(engine.mean(flag).item() > 0)
     return _requested
