@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, gannet, tiny_overrides, without_perf
+from tests.conftest import REPO, gannet, process_env, tiny_overrides, without_perf
 from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
-from trainer.config import DataConfig
+from trainer.schema import DataConfig
 from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
 from trainer.engine import free_port
 from trainer.errors import DataError
@@ -263,7 +263,7 @@ def reached(run: Path, event: str, step: int) -> bool:
     return any(f'"step": {step},' in row for row in rows)
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "DS_ACCELERATOR": "cpu"}
+ENV = process_env()
 
 
 def launch(processes: int) -> tuple[list[str], dict[str, str]]:
