@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 
 import trainer.loop
 from tests.conftest import BIN, REPO, process_env, run, tiny_overrides
+from trainer import preemption
 from trainer.config import load_config
 from trainer.data import open_stream, stream_urls
 from trainer.engine import free_port
 from trainer.errors import GannetError
+from trainer.evaluate import Evaluator
 from trainer.setup import setup
 from trainer.tracking import read_metrics as metrics
 
@@ -142,3 +144,34 @@ def test_a_dead_rank_makes_the_other_exit_with_a_clear_error_and_the_run_resumes
     run([sys.executable, "-m", "trainer", "train", "lsgan_mnist",
          *tiny_overrides(small_shards, run_dir, **{"train.steps": 20}), "resume=auto"])
     assert metrics(run_dir)[-1]["step"] == 20
+
+
+@pytest.mark.parametrize("phase", ["evaluation", "sampling"])
+def test_usr2_during_evaluation_or_sampling_saves_stops_and_resumes(phase, mnist_shards, tmp_path, monkeypatch):
+    """A Slurm job's warning signal (USR2, which gannet watches in Slurm jobs) arriving in the middle
+    of in-training evaluation or of drawing the sample grid: that work finishes, every rank agrees at
+    the step, saves it and stops cleanly; resume=auto trains on to the end."""
+    monkeypatch.setattr(preemption, "_watching", False)
+    monkeypatch.setattr(preemption, "_requested", False)
+    extra = {"train.steps": 20, "train.sample_every": 10, "train.checkpoint_every": 20, "data.num_workers": 0,
+             "eval.every": 10 if phase == "evaluation" else 0, "eval.samples": 50}
+    cfg = load_config("lsgan_mnist", tiny_overrides(mnist_shards, tmp_path / "run", **extra))
+    owner, name = (Evaluator, "score") if phase == "evaluation" else (trainer.loop, "save_grid")
+    original, fired = getattr(owner, name), []
+
+    def signalled(*args, **kwargs):
+        if not fired:  # the signal lands inside this phase's work, once
+            fired.append(os.kill(os.getpid(), signal.SIGUSR2))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+    previous = preemption.watch(signal.SIGUSR2)
+    try:
+        run_dir = trainer.loop.train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert fired and [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000010"]
+    assert metrics(run_dir)[-1]["step"] == 10  # stopped at the step the signal arrived in, with its work done
+    monkeypatch.setattr(preemption, "_requested", False)
+    trainer.loop.train(load_config("lsgan_mnist", [*tiny_overrides(mnist_shards, run_dir, **extra), "resume=auto"]))
+    assert metrics(run_dir)[-1]["step"] == 20 and (run_dir / "checkpoints" / "step-00000020").is_dir()
