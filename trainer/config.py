@@ -189,6 +189,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.num_samples": cfg.train.num_samples,
+        "data.prefetch_factor": cfg.data.prefetch_factor,
         "optim.g.lr": cfg.optim.g.lr,
         "optim.d.lr": cfg.optim.d.lr,
     }
@@ -215,6 +216,11 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
         if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:
             raise ConfigError(f"optim.{net}.decay_from={opt.decay_from} must be in [0, train.steps={cfg.train.steps})")
+    if not cfg.train.compile_backend:
+        raise ConfigError("train.compile_backend must name a torch.compile backend (inductor, aot_eager, ...)")
+    if cfg.train.compile == "on" and cfg.train.strategy == "deepspeed" and 3 in (cfg.optim.g.zero_stage, cfg.optim.d.zero_stage):
+        raise ConfigError("train.compile=on does not work with ZeRO-3 (it gathers parameters in module hooks); "
+                          "use zero_stage 0-2 or train.compile=off")
     if cfg.data.load_size and cfg.data.load_size < cfg.data.image_size:
         raise ConfigError(f"data.load_size={cfg.data.load_size} must be 0 (off) or >= data.image_size={cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):

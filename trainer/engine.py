@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
+from trainer import fast
 from trainer.schema import Config, OptimConfig
 
 
@@ -39,6 +40,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reset_precision(mixed: str) -> None:
+    """Let a second engine in one process (the bench, tests) use another precision: Accelerate keeps
+    one per process and refuses a change; its process group and device (PartialState) are kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class Engine:
@@ -50,7 +61,13 @@ class Engine:
         handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
         if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several CPU processes
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        mixed = cfg.train.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
+        # what `auto` means here (bf16, compile, layout, Adam); DDP's bf16 is Accelerate's autocast of
+        # each prepared network's forward, outputs back in fp32 (measured: the same speed as autocast by hand)
+        self.fast = fast.resolve(cfg, "cpu" if cpu else "cuda")
+        if not cpu:
+            fast.enable_gpu_kernels()
+        mixed = self.fast.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
+        reset_precision(mixed)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
         self.accumulation = cfg.train.grad_accum
         self.nets: dict[str, nn.Module] = {}
@@ -138,6 +155,8 @@ class Engine:
         for name, net in nets.items():
             if name not in optimizers:
                 self.nets[name] = net.to(self.device, self.input_dtype).requires_grad_(False)
+            else:  # memory layout and torch.compile, before DDP/DeepSpeed wraps it
+                fast.prepare_network(name, net.to(self.device), self.fast, self.cfg)
         self._prepare({name: nets[name] for name in optimizers}, optimizers)
         self.nets = {name: self.nets[name] for name in nets}  # the recipe's order (checkpoints list it)
 
@@ -248,13 +267,13 @@ class DeepSpeedEngine(Engine):
             for key, value in launcher_env.items():
                 os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        precision = cfg.train.mixed_precision
+        precision = self.fast.mixed_precision
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     def ds_config(self, name: str) -> dict[str, Any]:
         opt = self.optim_config(name)
         micro = self.cfg.data.batch_size
-        precision = self.cfg.train.mixed_precision
+        precision = self.fast.mixed_precision
         return {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": self.accumulation,

@@ -26,6 +26,7 @@ class DataConfig:
     shards_b: str = ""  # a second, independently shuffled stream (domain B of unpaired translation, e.g. CycleGAN)
     load_size: int = 0  # resize to this side, then random-crop image_size (CycleGAN's 286 -> 256); 0 = resize only
     flip: bool = False  # random horizontal flips
+    prefetch_factor: int = 4  # batches each loader worker keeps ready ahead of the training step
 
 
 @dataclass
@@ -69,7 +70,13 @@ class TrainConfig:
     steps: int = 3000  # generator steps (each preceded by recipe.d_steps D-steps)
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # ddp: Accelerate/DDP; deepspeed: one engine per network
     grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # auto = bf16 where the device computes it fast (a GPU with bf16, a CPU with AVX-512 BF16 or AMX),
+    # else no; the log says what was chosen and why (trainer.fast)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the optimised networks; auto = on for GPUs
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture without code generation)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout per network; auto = where measured faster
+    adam: Literal["auto", "fused", "foreach", "loop"] = "auto"  # Adam's implementation; auto = fused
     cpu: bool = False  # force CPU even when a GPU is present
     log_every: int = 50
     sample_every: int = 500
