@@ -32,7 +32,8 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
         ("recipe.lr=1", "unknown key 'recipe.lr' (allowed in recipe: d_steps, a, b, c)"),
         ("train.steps=ten", "train.steps='ten' must be an integer"),
         ("train.steps=0", "train.steps=0 must be > 0"),
-        ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed (choose one of: no, fp16, bf16)"),
+        ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed (choose one of: auto, no, fp16, bf16)"),
+        ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
         ("recipe.name=wgan", "recipe.name='wgan' is not a known recipe (choose one of: cgan, cyclegan, gan, lsgan, t2i)"),
         ("optim.g.betas=[0.5]", "optim.g.betas=[0.5] must be a list of 2 values"),
         ("recipe.d_steps=0", "recipe.d_steps=0 must be >= 1"),
@@ -59,8 +60,8 @@ def test_cli_bad_key_exits_2_with_one_line():
     result = gannet("train", "lsgan_mnist", "train.stepz=5", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["gannet: error: unknown key 'train.stepz' (allowed in train: steps, strategy, grad_accum, mixed_precision, cpu, "
-                     "log_every, sample_every, checkpoint_every, keep_checkpoints, num_samples)"]
+    assert lines == ["gannet: error: unknown key 'train.stepz' (allowed in train: steps, strategy, grad_accum, mixed_precision, compile, "
+                     "compile_backend, channels_last, adam, cpu, log_every, sample_every, checkpoint_every, keep_checkpoints, num_samples)"]
 
 
 def test_cli_missing_config_and_missing_shards_exit_2(tmp_path):

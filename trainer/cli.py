@@ -100,13 +100,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
     p.add_argument("--world", type=int, default=2, help="processes for the memory table (default 2)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per timing run (default 60)")
+    p.add_argument("--steps", type=int, help="training steps per timing run (default 60; with --speed, 5 timed steps each)")
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
                    choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
     p.add_argument("--reference-step", action="store_true", help=(
         "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
         "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
+    p.add_argument("--speed", action="store_true", help=(
+        "instead: gannet's default step against a plain eager fp32 reference step (CycleGAN 256 px batch 1; "
+        "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
+        "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
+    p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
     return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
@@ -227,7 +232,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from trainer.bench import run_bench
     from trainer.config import load_config
 
+    if args.speed:
+        from trainer.speedbench import MODELS, speed_bench
+
+        for config in MODELS.values():  # a bad key fails here, not inside a launched process
+            load_config(config, args.overrides)
+        speed_bench(args.overrides, steps=args.steps or 5, seconds=args.loader_seconds, out=args.out)
+        return 0
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    args.steps = args.steps or 60
     if args.reference_step:
         from trainer.stepbench import cyclegan_step_bench
 

@@ -139,6 +139,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML reads no/off/false and on/true as booleans
+            value = {False: "no" if "no" in allowed else "off", True: "on"}[value]
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed (choose one of: {', '.join(map(str, allowed))})")
         return value
