@@ -93,6 +93,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
     p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
 
+    add_bench_parser(sub)
+    return parser, {**COMMANDS, **add_plugin_commands(sub)}
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`gannet bench`: its own function, so that build_parser stays readable."""
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
         "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
@@ -112,7 +118,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
         "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
     p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
-    return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
 
 def main(argv: list[str] | None = None) -> int:
