@@ -41,14 +41,14 @@ def test_auto_resolves_to_what_the_log_says_and_the_engine_applies_it(small_shar
     expected = fast.resolve(cfg, "cpu")
     precision = "bf16" if fast.cpu_has_fast_bf16() else "no"
     assert expected.mixed_precision == precision and not expected.compile and expected.adam == "fused"
-    assert f"mixed_precision={precision}, compile=off, adam=fused, layout: G contiguous, D contiguous" in line
+    assert f"mixed_precision={precision}, compile=off, adam=fused, layout: G channels_last, D channels_last" in line
 
     job = setup(cfg)  # what the engine built matches the line
     engine = job.engine
     assert engine.accelerator.mixed_precision == precision
     assert all(group["fused"] for opt in engine.optimizers.values() for group in opt.param_groups)
     conv = engine.module("D").net[2].weight  # 16 input channels: the two layouts differ
-    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert engine.fast.describe() in line
     engine.close()
 
@@ -63,6 +63,29 @@ def test_explicit_settings_win_and_instance_norm_stays_contiguous(silhouettes, t
     assert fast.channels_last_pays(DCGANDiscriminator(8, 1, 28), "auto", "cuda")[0] is True
     assert fast.channels_last_pays(DCGANDiscriminator(8, 1, 28), "on", "cpu")[0] is True
     assert fast.resolve(load_config("lsgan_mnist", ["train.strategy=deepspeed"]), "cpu").mixed_precision == "no"
+
+
+def test_resumed_fused_adam_keeps_channels_last_moments_in_step():
+    """Checkpoints store moments contiguous; fused Adam on CPU reads them as flat memory beside a
+    channels_last weight, so without `match_layouts` a resumed step silently differs (measured: by lr)."""
+    x = torch.randn(2, 8, 10, 10)
+
+    def resumed(fused: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(conv.parameters(), 1e-2, fused=fused)
+        conv(x).square().mean().backward()
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"] = {k: {n: t.contiguous() for n, t in v.items()} for k, v in saved["state"].items()}
+        opt.load_state_dict(saved)  # as a checkpoint gives them back
+        fast.match_layouts(opt)
+        assert opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
+        conv(x).square().mean().backward()
+        opt.step()
+        return conv.weight.detach()
+
+    assert torch.allclose(resumed(True), resumed(False), atol=1e-6)
 
 
 def test_bf16_first_steps_stay_close_to_fp32(small_shards, tmp_path):

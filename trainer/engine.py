@@ -249,6 +249,7 @@ class DDPEngine(Engine):
             self.module(name).load_state_dict(state)
         for name, opt_state in shared["optimizers"].items():
             self.optimizers[name].load_state_dict(opt_state)
+            fast.match_layouts(self.optimizers[name])  # moments in their weights' layout (channels_last)
         if shared["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
 

@@ -28,7 +28,7 @@ CPU_WHY = {
     "no_bf16": "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 would be emulated",
     "compile": "measured 1.02-1.05x on CPU after ~65 s of compiling per network: not worth it by default",
     "adam": "fused Adam: one kernel over all parameters",
-    "channels_last_cpu": "a BatchNorm/conv net on CPU: measured no faster (bf16, DCGAN batch 64)",
+    "channels_last": "a conv/BatchNorm net: measured 1.17x on CPU (DCGAN batch 64, bf16); NHWC suits GPU tensor cores",
 }
 
 
@@ -110,9 +110,8 @@ def channels_last_pays(net: nn.Module, setting: str, device: str) -> tuple[bool,
         return False, "no convolutions"
     if any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in net.modules()):
         return False, "InstanceNorm does not keep the layout (pytorch#72341; measured 0.91x)"
-    if device == "cuda":
-        return True, "conv/BatchNorm net on a GPU (tensor cores want NHWC)"
-    return False, CPU_WHY["channels_last_cpu"]
+    del device  # measured faster on this CPU and the standard choice on GPUs
+    return True, CPU_WHY["channels_last"]
 
 
 def _wants_input_grad(args: tuple, kwargs: dict) -> bool:
@@ -145,6 +144,17 @@ def prepare_network(name: str, net: nn.Module, choices: Choices, cfg: Config) ->
         net.to(memory_format=torch.channels_last)
     if choices.compile:
         compile_network(net, cfg.train.compile_backend)
+
+
+def match_layouts(optimizer: Any) -> None:
+    """Give each loaded optimizer state tensor its parameter's memory layout. Checkpoints store tensors
+    contiguous; fused Adam on a CPU walks parameter, gradient and moments as flat memory, so a
+    channels_last weight with contiguous moments would be updated with the wrong elements' moments."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    for param, state in inner.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def compile_report() -> str:
