@@ -63,6 +63,10 @@ def test_explicit_settings_win_and_instance_norm_stays_contiguous(silhouettes, t
     assert fast.channels_last_pays(DCGANDiscriminator(8, 1, 28), "auto", "cuda")[0] is True
     assert fast.channels_last_pays(DCGANDiscriminator(8, 1, 28), "on", "cpu")[0] is True
     assert fast.resolve(load_config("lsgan_mnist", ["train.strategy=deepspeed"]), "cpu").mixed_precision == "no"
+    deepspeed = fast.resolve(load_config("lsgan_mnist", ["train.strategy=deepspeed"]), "cpu")
+    net = DCGANDiscriminator(8, 1, 28)
+    fast.prepare_network("D", net, deepspeed, load_config("lsgan_mnist", ["train.strategy=deepspeed"]))
+    assert deepspeed.channels_last == {"D": False} and net.net[2].weight.is_contiguous()  # ZeRO flattens parameters
 
 
 def test_resumed_fused_adam_keeps_channels_last_moments_in_step():

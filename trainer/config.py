@@ -223,6 +223,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.train.compile == "on" and cfg.train.strategy == "deepspeed" and 3 in (cfg.optim.g.zero_stage, cfg.optim.d.zero_stage):
         raise ConfigError("train.compile=on does not work with ZeRO-3 (it gathers parameters in module hooks); "
                           "use zero_stage 0-2 or train.compile=off")
+    if cfg.train.channels_last == "on" and cfg.train.strategy == "deepspeed":
+        raise ConfigError("train.channels_last=on does not work with train.strategy=deepspeed (ZeRO flattens "
+                          "parameters into contiguous buffers); use auto or off")
     if cfg.data.load_size and cfg.data.load_size < cfg.data.image_size:
         raise ConfigError(f"data.load_size={cfg.data.load_size} must be 0 (off) or >= data.image_size={cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):

@@ -138,6 +138,8 @@ def compile_network(net: nn.Module, backend: str) -> None:
 def prepare_network(name: str, net: nn.Module, choices: Choices, cfg: Config) -> None:
     """Layout and compilation of one optimised network, before DDP/DeepSpeed wraps it."""
     on, why = channels_last_pays(net, cfg.train.channels_last, choices.device)
+    if cfg.train.strategy == "deepspeed":  # ZeRO views parameters as flat bytes: they must be contiguous
+        on, why = False, "DeepSpeed flattens parameters into contiguous buffers"
     choices.channels_last[name] = on
     choices.why[f"layout {name}"] = why
     if on:
