@@ -159,14 +159,16 @@ def match_layouts(optimizer: Any) -> None:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def compile_report() -> str:
-    """torch.compile's graphs, graph breaks (with reasons) and recompiles so far: logged once, so a
-    network that silently fell back to eager or recompiles every step is seen."""
+def compile_report(networks: int) -> str:
+    """torch.compile's graphs, graph breaks (with reasons) and recompiles so far, for `networks`
+    compiled forwards: logged, so a network that silently fell back to eager or recompiles every
+    step is seen. Each compiled frame past the first per network is a recompile (a frozen D, a
+    no-grad sampling call, a new input shape), each graph break an extra graph."""
     from torch._dynamo.utils import counters
 
     breaks = counters["graph_break"]
     reasons = "; ".join(f"{reason[:120]} (x{n})" for reason, n in list(breaks.items())[:5])
     graphs = counters["stats"].get("unique_graphs", 0)
-    recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    recompiles = max(counters["frames"].get("ok", 0) - networks, 0)
     return (f"torch.compile: {graphs} graph(s), {sum(breaks.values())} graph break(s)"
-            f"{': ' + reasons if reasons else ''}, {recompiles} recompile(s)")
+            f"{': ' + reasons if reasons else ''}, {recompiles} recompile(s) of {networks} network(s)")

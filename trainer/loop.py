@@ -180,7 +180,7 @@ def report_compile(job: Job) -> None:
     changed since the last report: once in a healthy run, never silently."""
     if not (job.engine.fast.compile and job.engine.is_main):
         return
-    report = fast.compile_report()
+    report = fast.compile_report(len(job.engine.optimizers))  # the optimised networks are the compiled ones
     if report != job.engine.fast.compile_reported:
         log.info(report)
         job.engine.fast.compile_reported = report
