@@ -14,7 +14,7 @@ CONFIG ?= lsgan_mnist
 DATA_cyclegan_silhouettes := $(SILHOUETTES)
 DATA = $(or $(DATA_$(CONFIG)),$(MNIST))
 
-.PHONY: install train test shards clean
+.PHONY: install train test shards clean bench-gpu
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ train: $(STAMP) $(DATA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On one GPU, in under 10 minutes: the gpu-marked tests, then gannet's default step against the plain
+# eager fp32 references (CycleGAN 256 px, DCGAN/LSGAN batch 64) and the loader: runs/bench-gpu.json.
+bench-gpu: $(STAMP)
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 240 $(BIN)/python -m pytest -q -rs -m gpu tests/test_speed.py
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 330 $(BIN)/gannet bench --speed --steps 20 --loader-seconds 10 --out runs/bench-gpu.json
 
 clean:
 	rm -rf runs data

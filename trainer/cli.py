@@ -101,7 +101,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    """`gannet bench`: its tables, and the alternatives (--reference-step, --loader)."""
+    """`gannet bench`: its tables, and the alternatives (--reference-step, --loader, --speed)."""
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
         "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
@@ -109,7 +109,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
     p.add_argument("--world", type=int, default=2, help="processes for the memory table (default 2)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per timing run (default 60)")
+    p.add_argument("--steps", type=int, help="training steps per timing run (default 60; with --speed, 5 timed steps each)")
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
                    choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
@@ -119,6 +119,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader", nargs="*", metavar="SHARDS", help=(
         "instead: time the data loader alone on data.shards and on each SHARDS given (e.g. an s3://BUCKET/PREFIX/), "
         "--steps batches each, in turns"))
+    p.add_argument("--speed", action="store_true", help=(
+        "instead: gannet's default step against a plain eager fp32 reference step (CycleGAN 256 px batch 1; "
+        "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
+        "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
+    p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +287,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides = [item for item in args.loader if re.match(r"^[A-Za-z_][\w.]*=", item)]
         args.loader = [item for item in args.loader if item not in overrides]
         args.overrides = [*args.overrides, *overrides]
+    if args.speed:
+        from trainer.speedbench import MODELS, speed_bench
+
+        for config in MODELS.values():  # a bad key fails here, not inside a launched process
+            load_config(config, args.overrides)
+        speed_bench(args.overrides, steps=args.steps or 5, seconds=args.loader_seconds, out=args.out)
+        return 0
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    args.steps = args.steps or 60
     if args.loader is not None:
         from trainer.loaderbench import loader_bench
 

@@ -190,6 +190,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML reads no/off/false and on/true as booleans
+            value = {False: "no" if "no" in allowed else "off", True: "on"}[value]
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed (choose one of: {', '.join(map(str, allowed))})")
         return value
@@ -245,6 +247,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.max_nonfinite": cfg.train.max_nonfinite,
         "train.rollback_lr_factor": cfg.train.rollback_lr_factor,
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
+        "data.prefetch_factor": cfg.data.prefetch_factor,
         "optim.g.lr": cfg.optim.g.lr,
         "optim.d.lr": cfg.optim.d.lr,
     }
@@ -272,6 +275,14 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
         if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:
             raise ConfigError(f"optim.{net}.decay_from={opt.decay_from} must be in [0, train.steps={cfg.train.steps})")
+    if not cfg.train.compile_backend:
+        raise ConfigError("train.compile_backend must name a torch.compile backend (inductor, aot_eager, ...)")
+    if cfg.train.compile == "on" and cfg.train.strategy == "deepspeed" and 3 in (cfg.optim.g.zero_stage, cfg.optim.d.zero_stage):
+        raise ConfigError("train.compile=on does not work with ZeRO-3 (it gathers parameters in module hooks); "
+                          "use zero_stage 0-2 or train.compile=off")
+    if cfg.train.channels_last == "on" and cfg.train.strategy == "deepspeed":
+        raise ConfigError("train.channels_last=on does not work with train.strategy=deepspeed (ZeRO flattens "
+                          "parameters into contiguous buffers); use auto or off")
     if cfg.data.load_size and cfg.data.load_size < cfg.data.image_size:
         raise ConfigError(f"data.load_size={cfg.data.load_size} must be 0 (off) or >= data.image_size={cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):

@@ -302,7 +302,8 @@ class DataStream:
         dataset = ShardStream(self.urls, cfg, rank=rank, world=world, seed=seed, position=self.position)
         self._loader = wds.WebLoader(
             dataset, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-            prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=torch.cuda.is_available(),
+            # batches ready ahead of the step; pinned host memory makes the engine's non_blocking copies async
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None, pin_memory=torch.cuda.is_available(),
             # Its own generator: by default a DataLoader draws its workers' base seed from the global
             # torch RNG when iteration starts, which would shift the noise stream after a resume.
             generator=torch.Generator().manual_seed(seed),

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
+from trainer import fast
 from trainer.errors import GannetError
 from trainer.schema import Config, OptimConfig
 
@@ -44,6 +45,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reset_precision(mixed: str) -> None:
+    """Let a second engine in one process (the bench, tests) use another precision: Accelerate keeps
+    one per process and refuses a change; its process group and device (PartialState) are kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class Engine:
@@ -60,7 +71,13 @@ class Engine:
             handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout))
         else:
             handlers.append(InitProcessGroupKwargs(timeout=timeout))
-        mixed = cfg.train.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
+        # what `auto` means here (bf16, compile, layout, Adam); DDP's bf16 is Accelerate's autocast of
+        # each prepared network's forward on this device (CPU included), outputs back in fp32
+        self.fast = fast.resolve(cfg, "cpu" if cpu else "cuda")
+        if not cpu:
+            fast.enable_gpu_kernels()
+        mixed = self.fast.mixed_precision if cfg.train.strategy == "ddp" else "no"  # DeepSpeed casts itself
+        reset_precision(mixed)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
         self.accumulation = cfg.train.grad_accum
         self.nets: dict[str, nn.Module] = {}
@@ -152,6 +169,8 @@ class Engine:
         for name, net in nets.items():
             if name not in optimizers:
                 self.nets[name] = net.to(self.device, self.input_dtype).requires_grad_(False)
+            else:  # memory layout and torch.compile, before DDP/DeepSpeed wraps it
+                fast.prepare_network(name, net.to(self.device), self.fast, self.cfg)
         self._prepare({name: nets[name] for name in optimizers}, optimizers)
         self.nets = {name: self.nets[name] for name in nets}  # the recipe's order (checkpoints list it)
 
@@ -287,6 +306,7 @@ class DDPEngine(Engine):
             self.module(name).load_state_dict(state)
         for name, opt_state in shared["optimizers"].items():
             self.optimizers[name].load_state_dict(opt_state)
+            fast.match_layouts(self.optimizers[name])  # moments in their weights' layout (channels_last)
         if shared["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
 
@@ -305,13 +325,13 @@ class DeepSpeedEngine(Engine):
             for key, value in launcher_env.items():
                 os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-        precision = cfg.train.mixed_precision
+        precision = self.fast.mixed_precision
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     def ds_config(self, name: str) -> dict[str, Any]:
         opt = self.optim_config(name)
         micro = self.cfg.data.batch_size
-        precision = self.cfg.train.mixed_precision
+        precision = self.fast.mixed_precision
         return {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": self.accumulation,

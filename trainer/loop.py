@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from trainer import preemption
+from trainer import fast, preemption
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import config_to_dict
 from trainer.data import ShardExamples, open_stream, stream_urls
@@ -42,6 +42,8 @@ def train(cfg: Config) -> Path:
     job = setup(cfg, ShardExamples(cfg))
     engine, recipe = job.engine, job.recipe
     open_run_dir(cfg, engine)
+    if engine.is_main:
+        log.info(engine.fast.describe())  # what `auto` chose on this device, and why
     grid = fixed_grid(cfg, job)
     step, data_state = restore(cfg, job, resume_from)
     engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
@@ -64,6 +66,7 @@ def train(cfg: Config) -> Path:
         last = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or last:
             log_metrics(job, tracker, step, metrics, meter)
+            report_compile(job)
         if step % cfg.train.sample_every == 0 or last:
             write_samples(cfg, job, tracker, step, grid)
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -176,6 +179,17 @@ def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.
     record["train/nonfinite_steps"] = float(engine.nonfinite_steps)
     record["perf/images_per_s"] = meter.images_per_s(step)
     tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})
+
+
+def report_compile(job: Job) -> None:
+    """torch.compile's graphs, graph breaks and recompiles, logged at a logging step whenever they
+    changed since the last report: once in a healthy run, never silently."""
+    if not (job.engine.fast.compile and job.engine.is_main):
+        return
+    report = fast.compile_report(len(job.engine.optimizers))  # the optimised networks are the compiled ones
+    if report != job.engine.fast.compile_reported:
+        log.info(report)
+        job.engine.fast.compile_reported = report
 
 
 def write_samples(cfg: Config, job: Job, tracker: Tracker, step: int, grid: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flips
     retries: int = 5  # remote shards: retries of a transient network failure (per request), before the shard is skipped
     retry_backoff: float = 0.5  # seconds before the first retry; doubles with each one (jittered, at most 30 s)
+    prefetch_factor: int = 4  # batches each loader worker keeps ready ahead of the training step
 
 
 @dataclass
@@ -71,7 +72,13 @@ class TrainConfig:
     steps: int = 3000  # generator steps (each preceded by recipe.d_steps D-steps)
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # ddp: Accelerate/DDP; deepspeed: one engine per network
     grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # auto = bf16 where the device computes it fast (a GPU with bf16, a CPU with AVX-512 BF16 or AMX),
+    # else no; the log says what was chosen and why (trainer.fast)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the optimised networks; auto = on for GPUs
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture without code generation)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout per network; auto = where measured faster
+    adam: Literal["auto", "fused", "foreach", "loop"] = "auto"  # Adam's implementation; auto = fused
     cpu: bool = False  # force CPU even when a GPU is present
     log_every: int = 50
     sample_every: int = 500

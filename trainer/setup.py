@@ -13,6 +13,7 @@ import torch
 
 from models.recipes import make_recipe
 from models.recipes.base import Examples, Recipe
+from trainer import fast
 from trainer.engine import Engine, make_engine
 from trainer.schema import Config, OptimConfig
 
@@ -37,7 +38,8 @@ class Job:
 
 def setup(cfg: Config, examples: Examples | None = None) -> Job:
     """Start the engine (processes, device), then build the recipe's networks from the run's seed
-    (identical on every rank), an Adam per network the recipe optimises, and their schedules."""
+    (identical on every rank), an Adam per network the recipe optimises (fused or foreach as
+    `train.adam` resolves: trainer.fast), and their schedules."""
     engine = make_engine(cfg)
     torch.manual_seed(cfg.seed)
     recipe = make_recipe(cfg, examples)
@@ -45,7 +47,8 @@ def setup(cfg: Config, examples: Examples | None = None) -> Job:
     optimizers = {}
     for name in recipe.optimized:
         opt = engine.optim_config(name)
-        optimizers[name] = torch.optim.Adam(nets[name].parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        optimizers[name] = torch.optim.Adam(nets[name].parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+                                            **fast.adam_kwargs(engine.fast.adam))
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(engine.optim_config(name), cfg.train.steps))
                   for name, optimizer in optimizers.items()}
     engine.prepare(nets, optimizers)
