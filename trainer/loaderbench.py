@@ -4,7 +4,8 @@ The training stream itself (trainer.data: shard reads, shuffle buffer, decode, b
 loader workers), with no model, timed on the config's `data.shards` and on each other shard
 source given (an `s3://` prefix, an `http(s)://` pattern, another folder), so a remote store can
 be compared with local disk on the same machine. Sources are timed in turns, a block of batches
-each, so that all of them see the same machine load.
+each, so that all of them see the same machine load. `loader_throughput` times one config's whole
+training stream (both domains of unpaired data) for `gannet bench --speed`'s loader ratio.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from trainer import remote
-from trainer.schema import DataConfig
-from trainer.data import DataStream, expand_urls
+from trainer.data import DataStream, expand_urls, open_stream, stream_urls
+from trainer.schema import Config, DataConfig
 
 
 def source_kind(pattern: str) -> str:
@@ -55,3 +57,17 @@ def loader_bench(cfg: DataConfig, others: list[str], *, batches: int, out: Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"loader": rows}, indent=2))
     return rows
+
+
+def loader_throughput(cfg: Config, seconds: float) -> dict[str, Any]:
+    """Images/s of the loader alone (shards -> decoded, augmented, collated batches, in the config's
+    worker processes), after its first batch (worker start-up excluded), over `seconds`."""
+    stream = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=cfg.seed)
+    next(stream)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += next(stream)["image"].shape[0]
+    rate = images / (time.perf_counter() - start)
+    del stream  # ends the worker processes before the step is timed
+    workers = max(cfg.data.num_workers, 1) * len(stream_urls(cfg.data))
+    return {"images_per_s": rate, "workers": workers, "images_per_s_per_worker": rate / workers}

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer import loaderbench
 from trainer.config import load_config
-from trainer.data import open_stream, stream_urls
 from trainer.schema import Config
 from trainer.setup import setup
 from trainer.stepbench import interleaved, reference_cyclegan_step
@@ -121,20 +120,6 @@ def step_speed(cfg: Config, steps: int) -> dict[str, Any]:
     return result
 
 
-def loader_throughput(cfg: Config, seconds: float) -> dict[str, Any]:
-    """Images/s of the loader alone (shards -> decoded, augmented, collated batches, in the config's
-    worker processes), after its first batch (worker start-up excluded), over `seconds`."""
-    stream = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=cfg.seed)
-    next(stream)
-    images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        images += next(stream)["image"].shape[0]
-    rate = images / (time.perf_counter() - start)
-    del stream  # ends the worker processes before the step is timed
-    workers = max(cfg.data.num_workers, 1) * len(stream_urls(cfg.data))
-    return {"images_per_s": rate, "workers": workers, "images_per_s_per_worker": rate / workers}
-
-
 def synthetic_jpegs(folder: Path, n: int, size: int, seed: int) -> None:
     """`n` RGB JPEGs of `size` px (smooth colour fields plus grain, quality 90: about 24 KB each at
     256 px), for timing the JPEG decode path without a download."""
@@ -162,7 +147,7 @@ def prepare_shards(tmp: Path) -> dict[str, list[str]]:
 def model_bench(model: str, overrides: list[str], steps: int, seconds: float) -> dict[str, Any]:
     """One model's row: loader alone, then the step against its reference (in this process)."""
     cfg = load_config(MODELS[model], overrides)
-    loader = loader_throughput(cfg, seconds)
+    loader = loaderbench.loader_throughput(cfg, seconds)
     step = step_speed(cfg, steps)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not cfg.train.cpu else f"CPU ({os.cpu_count()} cores)"
     return {"config": MODELS[model], "overrides": overrides, "device": device, "image_size": cfg.data.image_size,
