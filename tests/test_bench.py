@@ -32,6 +32,7 @@ def test_bench_reports_throughput_and_zero2_halves_optimizer_state(small_shards,
     assert "memory per rank" in result.stdout and "zero2" in result.stdout
 
 
+@pytest.mark.slow  # about 50 s on a quiet 2-core machine: a CycleGAN training run plus a 2-process memory run
 def test_bench_memory_table_measures_any_recipe_through_its_own_iteration(silhouettes, tmp_path):
     """CycleGAN (two generator/discriminator pairs, its own iteration): measured at each optimizer step."""
     out = tmp_path / "bench.json"
