@@ -108,21 +108,14 @@ def test_bf16_first_steps_stay_close_to_fp32(small_shards, tmp_path):
     assert runs["no"] != runs["bf16"]  # bf16 really ran
 
 
-def test_compile_matches_eager_with_an_ema_copy_and_a_gradient_penalty(small_shards, tmp_path, monkeypatch):
+def test_compile_matches_eager_with_an_ema_copy_and_a_gradient_penalty(plugin_recipe, small_shards, tmp_path):
     """torch.compile of G and D (graph capture through AOTAutograd; the aot_eager backend skips code
     generation to stay fast) gives eager's losses, with the R1 penalty's double backward running
     eagerly, the EMA copy left uncompiled, and D frozen in G's step (a recompile, reported)."""
-    from tests.test_contract import worked_example
-    import models.recipes
-
-    folder = tmp_path / "more_recipes"
-    folder.mkdir()
-    (folder / "ema_r1.py").write_text(worked_example())
-    monkeypatch.setattr(models.recipes, "__path__", [*models.recipes.__path__, str(folder)])
     results = {}
     for mode in ("off", "on"):
         cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{
-            "recipe.name": "lsgan_ema_r1", "train.compile": mode, "train.compile_backend": "aot_eager",
+            "recipe.name": plugin_recipe, "train.compile": mode, "train.compile_backend": "aot_eager",
             "train.mixed_precision": "no", "data.batch_size": 8, "model.g_width": 4, "model.d_width": 4}))
         job = setup(cfg)
         job.engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)
@@ -136,8 +129,6 @@ def test_compile_matches_eager_with_an_ema_copy_and_a_gradient_penalty(small_sha
     assert results["on"][0]["r1"] > 0
     report = fast.compile_report(2)
     assert re.search(r"torch.compile: [1-9]\d* graph\(s\), \d+ graph break\(s\), [1-9]\d* recompile\(s\) of 2", report), report
-    models.recipes.RECIPES.pop("lsgan_ema_r1", None)
-    sys.modules.pop("models.recipes.ema_r1", None)
 
 
 def test_dcgan_reference_step_computes_what_gannet_computes_in_fp32(small_shards, tmp_path):
