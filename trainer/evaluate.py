@@ -228,10 +228,12 @@ def caption_agreement(images: torch.Tensor, captions: list[str]) -> dict[str, fl
 
 
 def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
-             steps: str = "latest") -> dict[str, Any]:
+             steps: str = "latest", raw: bool = False) -> dict[str, Any]:
     """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
-    memorization grid and the report for the last of them."""
+    memorization grid and the report for the last of them. A run that keeps an EMA of G is scored
+    on it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
+    recipe.sample_raw = raw
     if recipe.translates:
         raise GannetError(f"gannet eval scores generators of noise (optionally with labels or captions); {run_dir} is an "
                           f"image-translation run ({cfg.recipe.name}), which it does not score yet: see its samples/ grids, "
@@ -249,7 +251,8 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
         if recipe.condition == "text" and cfg.data.image_size == 28 and cfg.data.channels == 1:
             scores["caption_agreement"] = caption_agreement(generated, captions)
         over_steps.append({"step": step, **Evaluator.scalars(scores)})
-    result = {"checkpoint": kept[wanted[-1]].name, **scores, "over_steps": over_steps,
+    ema = "G_ema" in nets and not raw
+    result = {"checkpoint": kept[wanted[-1]].name, "generator": "G_ema" if ema else "G", **scores, "over_steps": over_steps,
               "equilibrium": equilibrium(run_dir, recipe)}
     if result.get("classes_covered", 10) < 10:
         result["equilibrium"]["warnings"].append(
