@@ -5,7 +5,6 @@ SIGKILL, and 2-process DDP and ZeRO-3 runs that must agree (an EMA of ZeRO-3 sha
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from tests.test_distributed import assert_same_weights, harness
 from trainer.config import load_config
 from trainer.data import open_stream, stream_urls
 from trainer.setup import setup
+from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
 
 QUALITY = {"recipe.ema_kimg": 1, "recipe.r1_gamma": 1.0, "recipe.r1_every": 3, "recipe.augment": "diffaugment"}
@@ -249,7 +249,7 @@ def test_sigkill_then_resume_is_bit_identical_with_ema_sn_ada_and_lazy_r1(small_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
     d_keys = load_file(str(final_a / "D.safetensors")).keys()
     assert any(k.endswith("._u") for k in d_keys) and any(k.endswith("._v") for k in d_keys)
-    state_a, state_b = (json.loads((p / "rank0.json").read_text())["recipe"] for p in (final_a, final_b))
+    state_a, state_b = (load_state(p / "rank0")["recipe"] for p in (final_a, final_b))
     assert state_a == state_b and state_a["ada"]["p"] > 0 and state_a["r1_calls"] == 30
     assert without_perf(metrics(killed)) == without_perf(metrics(tmp_path / "straight"))
     assert "train/ada_p" in metrics(killed)[-1]
