@@ -256,13 +256,24 @@ def test_sigkill_then_resume_is_bit_identical_with_ema_sn_ada_and_lazy_r1(small_
 
 
 def test_ema_r1_and_diffaugment_agree_under_ddp_and_zero3_on_two_processes(tmp_path):
-    """The same 2-process job under DDP and under ZeRO-3 (G's and D's parameters sharded): the R1
-    double backward works on both, and G_ema, averaged inside a gather of G's full weights under
-    ZeRO-3, matches the DDP run's (an average of shards would not even have the right shapes)."""
+    """The same 2-process job under DDP and under DeepSpeed with G at ZeRO-3 (its parameters
+    sharded) and D at ZeRO-2: R1's double backward works through the D engine, and G_ema, averaged
+    inside a gather of G's full weights, matches the DDP run's (an average of shards would not even
+    have the right shapes). D at ZeRO-3 with a penalty is refused by the config (see below)."""
     switches = [f"{k}={v}" for k, v in {**QUALITY, "recipe.r1_every": 2, "recipe.ema_rampup": 0}.items()]
     initial = harness(tmp_path / "init.st", 1, *switches, steps=0)
     ddp = harness(tmp_path / "ddp.st", 2, *switches)
-    zero3 = harness(tmp_path / "zero3.st", 2, *switches, "train.strategy=deepspeed", "optim.g.zero_stage=3", "optim.d.zero_stage=3")
+    zero3 = harness(tmp_path / "zero3.st", 2, *switches, "train.strategy=deepspeed", "optim.g.zero_stage=3", "optim.d.zero_stage=2")
     assert_same_weights(zero3, ddp, initial)
     g = {k[2:]: v for k, v in zero3.items() if k.startswith("G.")}
     assert any(not torch.equal(zero3[f"G_ema.{k}"], v) for k, v in g.items())  # an average, not a copy
+
+
+def test_a_penalty_on_a_zero3_discriminator_is_refused_before_the_run(small_shards, tmp_path):
+    """ZeRO-3 frees D's weights before a gradient penalty's second backward: one clear line at load."""
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.d.zero_stage <= 2"):
+        load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{
+            "recipe.r1_gamma": 1, "train.strategy": "deepspeed", "optim.d.zero_stage": 3}))
+    load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{"train.strategy": "deepspeed", "optim.d.zero_stage": 3}))

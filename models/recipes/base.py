@@ -51,6 +51,11 @@ class Step(Protocol):
         """`values` averaged over ranks (every rank calls it; ADA decides its p from it)."""
         ...
 
+    def module(self, name: str) -> nn.Module:
+        """The plain network under its DDP / DeepSpeed wrapper (same parameters, no wrapper hooks):
+        what a gradient penalty runs its own forward and input-gradient through."""
+        ...
+
     def gathered(self, name: str) -> AbstractContextManager[nn.Module]:
         """The plain network `name` with its full parameters inside the block (ZeRO-3 gathers its
         shards, read-only; elsewhere they are whole already): what an EMA of G averages."""
@@ -83,6 +88,12 @@ class RecipeParams:
     def batches_per_step(self) -> int:
         """Real batches one generator step draws (before accumulation): what images/s counts."""
         return 1
+
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        """Networks whose loss holds a gradient of their own output (a gradient penalty): they need a
+        double backward, which works under DDP and ZeRO 0-2 but not ZeRO-3 (the config refuses it)."""
+        return ()
 
 
 class Recipe(ABC):
@@ -207,6 +218,10 @@ class AdversarialParams(RecipeParams):
     def batches_per_step(self) -> int:
         return self.d_steps
 
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        return ("D",) if self.r1_gamma > 0 or self.gp_weight > 0 else ()
+
 
 class AdversarialRecipe(Recipe):
     """One generator G(z) against one discriminator D(x), trained by Algorithm 1 of the GAN paper.
@@ -328,11 +343,14 @@ class AdversarialRecipe(Recipe):
             fake = G(step.noise(real.shape[0], self.cfg.model.z_dim), *cond)
         # losses in fp32 under bf16/fp16
         real_out, fake_out = self.discriminate(D, real, *cond).float(), self.discriminate(D, fake, *cond).float()
-        return self.with_penalty(self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out), D, real, fake, cond)
+        return self.with_penalty(self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out), step.module("D"),
+                                 real, fake, cond)
 
     def with_penalty(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], D: nn.Module, real: torch.Tensor,
                      fake: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """D's loss plus `d_penalty` (what every D objective ends with, the recipe's own included)."""
+        """D's loss plus `d_penalty` (what every D objective ends with, the recipe's own included).
+        `D` is the plain network (`step.module("D")`): a penalty differentiates D's output by its
+        input, and DeepSpeed's engine takes any backward through its forward for the training one."""
         penalty, penalty_stats = self.d_penalty(D, real, fake, cond)
         if penalty is None:
             return loss, stats

@@ -49,6 +49,10 @@ class T2IParams(GANParams):
     ma_gp_weight: float = 0.0
     ma_gp_power: float = 6.0
 
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        return ("D",) if self.ma_gp_weight > 0 else super().double_backward
+
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.int_beta <= 1.0:
@@ -86,11 +90,11 @@ class TextToImageGAN(GAN):
         real_term, fake_term = self.real_term(real_out), self.fake_term(fake_out)
         stats = self.d_outputs(real_out, fake_out)
         if not self.params.mismatch:
-            return self.with_penalty(0.5 * (real_term + fake_term), stats, D, real, fake, (text,))
+            return self.with_penalty(0.5 * (real_term + fake_term), stats, step.module("D"), real, fake, (text,))
         wrong_out = self.discriminate(D, real, text.roll(1, dims=0)).float()
         wrong_term = self.fake_term(wrong_out)
         stats.update(d_wrong=self.d_stat(wrong_out.detach()), loss_d_mismatch=wrong_term.detach())
-        return self.with_penalty(0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats, D, real, fake, (text,))
+        return self.with_penalty(0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats, step.module("D"), real, fake, (text,))
 
     def d_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                   cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
