@@ -125,6 +125,8 @@ class TextToImageGAN(GAN):
         2/3, and its loss is (1/2) log(3/2) + (1/4) log 3."""
         if not self.params.mismatch:
             return super().equilibrium()
+        if self.params.loss == "hinge":  # matched pairs: s = 1 costs 0 + (1/4) x 2; mismatched ones sit at -1 for free
+            return {"loss_d": 0.5, "d_real": 1.0, "d_fake": 1.0, "separation": 2.0}
         return {"loss_d": 0.5 * math.log(1.5) + 0.25 * math.log(3), "d_real": 2 / 3, "d_fake": 2 / 3, "separation": 1.0}
 
     def encode(self, captions: list[str]) -> torch.Tensor:
