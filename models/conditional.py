@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.networks import DCGANDiscriminator, DCGANGenerator, DISCRIMINATORS, GENERATORS, dcgan_init, register
+from models.networks import DCGANDiscriminator, DCGANGenerator, DISCRIMINATORS, GENERATORS, d_batch_norm, dcgan_init, register
 from models.text import embedding_dim
 from trainer.schema import DataConfig, ModelConfig
 from trainer.errors import ConfigError
@@ -26,7 +26,7 @@ from trainer.errors import ConfigError
 
 def _dcgan_trunk(model: ModelConfig, channels: int, image_size: int) -> tuple[nn.Sequential, nn.Conv2d, int]:
     """DCGAN D split into (trunk, head, trunk channels)."""
-    layers = DCGANDiscriminator(model.d_width, channels, image_size, model.norm == "batch").net
+    layers = DCGANDiscriminator(model.d_width, channels, image_size, d_batch_norm(model)).net
     head = layers[-1]
     return nn.Sequential(*layers[:-1]), head, head.in_channels
 
@@ -65,7 +65,7 @@ class ConcatDiscriminator(nn.Module):
     def __init__(self, model: ModelConfig, data: DataConfig):
         super().__init__()
         self.classes = _check_classes(model)
-        self.net = DCGANDiscriminator(model.d_width, data.channels + self.classes, data.image_size, model.norm == "batch")
+        self.net = DCGANDiscriminator(model.d_width, data.channels + self.classes, data.image_size, d_batch_norm(model))
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         planes = F.one_hot(label, self.classes).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
@@ -113,8 +113,8 @@ class MatchingDiscriminator(nn.Module):
         super().__init__()
         self.trunk, self.head, width = _dcgan_trunk(model, data.channels, data.image_size)
         self.text = nn.Linear(embedding_dim(data.text_encoder), model.cond_dim)
-        layers: list[nn.Module] = [nn.Conv2d(width + model.cond_dim, width, 1, bias=model.norm != "batch")]
-        layers += [nn.BatchNorm2d(width)] if model.norm == "batch" else []
+        layers: list[nn.Module] = [nn.Conv2d(width + model.cond_dim, width, 1, bias=not d_batch_norm(model))]
+        layers += [nn.BatchNorm2d(width)] if d_batch_norm(model) else []
         self.joint = nn.Sequential(*layers, nn.LeakyReLU(0.2, True))
         self.joint.apply(dcgan_init)
 

@@ -30,10 +30,34 @@ def register(table: dict[str, Builder], name: str) -> Callable[[Builder], Builde
 
 
 def build(table: dict[str, Builder], name: str, model: ModelConfig, data: DataConfig) -> nn.Module:
+    """A registered network; spectrally normalised where `model.spectral_norm` says (D: "d" or
+    "both"; G: "both"), whichever architecture it is."""
     if name not in table:
         kind = "model.generator" if table is GENERATORS else "model.discriminator"
         raise ConfigError(f"{kind}={name!r} is not registered (choose one of: {', '.join(sorted(table))})")
-    return table[name](model, data)
+    net = table[name](model, data)
+    if model.spectral_norm == "both" or (model.spectral_norm == "d" and table is DISCRIMINATORS):
+        spectral_normalize(net)
+    return net
+
+
+def d_batch_norm(model: ModelConfig) -> bool:
+    """Whether D gets BatchNorm layers: `model.d_norm`, or `model.norm` where it is unset."""
+    return (model.d_norm or model.norm) == "batch"
+
+
+def spectral_normalize(net: nn.Module) -> nn.Module:
+    """Divide every conv, linear and embedding weight by its largest singular value (Miyato et al.
+    2018), estimated by one power iteration per training forward. The iteration's vectors u and v
+    are buffers (`...parametrizations.weight.0._u` / `._v`), so state dicts and checkpoints carry
+    them and a resumed run continues the same estimate; in eval mode no iteration runs."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+    for module in list(net.modules()):
+        if isinstance(module, layers):
+            spectral_norm(module)  # ConvTranspose2d: normalised over its output dim (torch picks dim=1)
+    return net
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -120,7 +144,7 @@ def _dcgan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
 
 @register(DISCRIMINATORS, "dcgan")
 def _dcgan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
-    return DCGANDiscriminator(model.d_width, data.channels, data.image_size, model.norm == "batch")
+    return DCGANDiscriminator(model.d_width, data.channels, data.image_size, d_batch_norm(model))
 
 
 # -- CycleGAN (Zhu et al. 2017) and its public PyTorch reference (junyanz/pytorch-CycleGAN-and-pix2pix) --

@@ -114,6 +114,9 @@ class OneBatch:
     def noise(self, n, dim):
         return self._noise[:n]
 
+    def module(self, name):  # unwrapped already
+        return self.nets[name]
+
 
 def test_gan_cls_discriminator_loss_has_the_mismatched_caption_term():
     from models.recipes import get_recipe

@@ -85,6 +85,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                    help="caption to draw (text-to-image runs); give it twice for an interpolation grid between two captions")
     p.add_argument("--interpolate", type=int, default=8, metavar="STEPS",
                    help="columns of an interpolation grid from the first --text to the second (default 8)")
+    p.add_argument("--raw", action="store_true", help="draw from the trained G, not its average (runs with recipe.ema_kimg > 0)")
 
     p = sub.add_parser("eval", help="FID/KID, precision/recall, memorization, equilibrium", description=(
         "Evaluate RUN_DIR's latest checkpoint offline: FID/KID and precision/recall in the features of a digit "
@@ -94,6 +95,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--n", type=int, help="generated samples (default: the run's eval.samples, 1000)")
     p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
     p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
+    p.add_argument("--raw", action="store_true", help="score the trained G, not its average (runs with recipe.ema_kimg > 0)")
 
     add_bench_parser(sub)
     add_verify_parser(sub)
@@ -251,14 +253,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"translated {len(written)} image(s) {args.direction} into {args.out}")
         return 0
     print(sample_grid(args.run_dir, args.out, n=args.n, seed=args.seed, label=args.label, texts=args.text,
-                      interpolate=args.interpolate))
+                      interpolate=args.interpolate, raw=args.raw))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
 
-    r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps)
+    r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps, raw=args.raw)
+    if "translation_accuracy_ab" in r:  # a translation run (CycleGAN)
+        print(f"{args.run_dir} ({r['checkpoint']}, held-out {r['heldout']}, features: {r['extractor']})\n"
+              f"  translation accuracy A->B {r['translation_accuracy_ab']:.1%}  B->A {r['translation_accuracy_ba']:.1%}\n"
+              f"  FID A->B {r['fid_ab']:.2f}  B->A {r['fid_ba']:.2f}\n"
+              f"  held-out cycle L1 A {r['cycle_l1_a']:.4f}  B {r['cycle_l1_b']:.4f}\n"
+              f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")
+        return 0
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
     if "condition_accuracy" in r:
@@ -266,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "caption_agreement" in r:
         coverage += "\n  caption agreement (chance ~33%): " + ", ".join(f"{k} {v:.1%}" for k, v in r["caption_agreement"].items())
     history = "".join(f"\n  step {row['step']}: FID {row['eval/fid']:.2f}" for row in r["over_steps"][:-1])
-    print(f"{args.run_dir} ({r['checkpoint']}, {r['samples']} samples, features: {r['extractor']}){history}\n"
+    print(f"{args.run_dir} ({r['checkpoint']}, generator {r['generator']}, {r['samples']} samples, features: {r['extractor']}){history}\n"
           f"  FID {r['fid']:.2f} (real held-out vs train: {r['fid_heldout_reference']:.2f})  KID {r['kid']:.4f}\n"
           f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}{coverage}\n"
           f"  memorization: {mem['verdict']} (nearest-train distance vs held-out: pixels {mem['pixel']['ratio']:.2f}x, "

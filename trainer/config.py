@@ -288,4 +288,17 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} is not allowed (choose one of: 1, 3)")
     cfg.recipe.validate()  # every RecipeParams has it (the recipe contract)
+    _check_double_backward(cfg)
+
+
+def _check_double_backward(cfg: Config) -> None:
+    """A gradient penalty (R1, WGAN-GP, MA-GP) back-propagates through D's gradient; ZeRO-3 releases
+    D's gathered weights before that second backward reaches them, so the pair is refused up front."""
+    penalised = cfg.recipe.double_backward
+    stages = {"G": cfg.optim.g.zero_stage, "D": cfg.optim.d.zero_stage}
+    for name in penalised:
+        if cfg.train.strategy == "deepspeed" and stages[name] == 3:
+            raise ConfigError(f"a gradient penalty on {name} (recipe.r1_gamma / gp_weight / ma_gp_weight > 0) needs "
+                              f"optim.{name.lower()}.zero_stage <= 2 under DeepSpeed: ZeRO-3 frees {name}'s weights "
+                              f"before the penalty's double backward reaches them")
 

@@ -161,6 +161,16 @@ class Engine:
         """Keep `name`'s gradients local for the duration (a no-op without DDP)."""
         return nullcontext()
 
+    @contextmanager
+    def gathered(self, name: str) -> Iterator[nn.Module]:
+        """The plain network `name` with its full parameters inside the block, read-only (ZeRO-3
+        gathers the shards on every rank and drops them after; elsewhere they are whole)."""
+        with self._gathered(name):
+            yield self.module(name)
+
+    def _gathered(self, name: str) -> Any:
+        return nullcontext()
+
     # -- strategy-specific pieces ---------------------------------------------------------------
 
     def prepare(self, nets: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
@@ -374,6 +384,13 @@ class DeepSpeedEngine(Engine):
             self._before_step(name)
         engine.step()  # a real optimizer step only at the accumulation boundary
         self._micro[name] = self._micro.get(name, 0) + 1
+
+    def _gathered(self, name: str) -> Any:
+        import deepspeed
+
+        if name in self.optimizers and self.optim_config(name).zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.module(name).parameters()), modifier_rank=None)
+        return nullcontext()
 
     def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         import deepspeed

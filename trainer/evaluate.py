@@ -25,6 +25,7 @@ from torch import nn
 
 from models.recipes.base import Recipe
 from trainer.captions import attribute_agreement
+from trainer.classifier import DigitClassifier, train_classifier
 from trainer.schema import Config
 from trainer.data import cache_beside, expand_urls, first_images, heldout_beside
 from trainer.errors import ConfigError, GannetError
@@ -32,38 +33,10 @@ from trainer.images import save_grid
 from trainer.report import write_report
 from trainer.sampling import load_networks, open_run
 from trainer.tracking import read_metrics
+from trainer.translation_eval import evaluate_translation
 from trainer.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
 
 log = logging.getLogger("gannet")
-
-
-class DigitClassifier(nn.Module):
-    """A small CNN; its 128-d penultimate layer is the feature space for FID/KID/PR."""
-
-    def __init__(self, channels: int, image_size: int, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Config, epochs: int = 4) -> DigitClassifier:
-    torch.manual_seed(0)
-    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images)).split(64):
-            loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def classifier_for(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor],
@@ -227,14 +200,14 @@ def caption_agreement(images: torch.Tensor, captions: list[str]) -> dict[str, fl
 
 
 def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None = None,
-             steps: str = "latest") -> dict[str, Any]:
+             steps: str = "latest", raw: bool = False) -> dict[str, Any]:
     """`gannet eval`: score checkpoints (the latest, `all` kept ones, or listed steps), then draw the
-    memorization grid and the report for the last of them."""
+    memorization grid and the report for the last of them. A run that keeps an EMA of G is scored
+    on it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
-    if recipe.translates:
-        raise GannetError(f"gannet eval scores generators of noise (optionally with labels or captions); {run_dir} is an "
-                          f"image-translation run ({cfg.recipe.name}), which it does not score yet: see its samples/ grids, "
-                          f"or translate held-out images with gannet sample RUN --direction AtoB --input DIR --out DIR")
+    recipe.sample_raw = raw
+    if recipe.translates:  # CycleGAN: held-out translations, both ways
+        return evaluate_translation(run_dir, cfg, recipe, kept[max(kept)], load_networks(recipe, kept[max(kept)]))
     wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
     missing = [s for s in wanted if s not in kept]
     if missing:
@@ -248,7 +221,8 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
         if recipe.condition == "text" and cfg.data.image_size == 28 and cfg.data.channels == 1:
             scores["caption_agreement"] = caption_agreement(generated, captions)
         over_steps.append({"step": step, **Evaluator.scalars(scores)})
-    result = {"checkpoint": kept[wanted[-1]].name, **scores, "over_steps": over_steps,
+    ema = "G_ema" in nets and not raw
+    result = {"checkpoint": kept[wanted[-1]].name, "generator": "G_ema" if ema else "G", **scores, "over_steps": over_steps,
               "equilibrium": equilibrium(run_dir, recipe)}
     if result.get("classes_covered", 10) < 10:
         result["equilibrium"]["warnings"].append(

@@ -45,12 +45,13 @@ def load_networks(recipe: Recipe, checkpoint: Path) -> dict[str, nn.Module]:
 
 
 def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | None = None,
-                texts: list[str] | None = None, interpolate: int = 8) -> Path:
+                texts: list[str] | None = None, interpolate: int = 8, raw: bool = False) -> Path:
     """A PNG grid from the run's latest checkpoint: the run's own prompts/classes by default; one
     class (`label`) for a conditional GAN; one caption, or an interpolation between two captions
     (rows: noise vectors; columns: `interpolate` steps from the first caption to the second), for a
-    text-to-image GAN."""
+    text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir)
+    recipe.sample_raw = raw
     if recipe.translates:
         raise GannetError(f"{run_dir} trained {cfg.recipe.name}, which translates real images and does not sample noise: "
                           f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")

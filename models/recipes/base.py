@@ -22,11 +22,12 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Mapping, Protocol
+import copy
 
 import torch
 from torch import nn
 
-from models import networks
+from models import augment, ema, networks, penalties
 from trainer.errors import ConfigError, GannetError
 from trainer.schema import Config
 
@@ -37,6 +38,7 @@ class Step(Protocol):
     nets: Mapping[str, nn.Module]
     accumulation: int  # micro-batches per optimizer step: call `update` this many times per step
     skipped: set[str]  # networks whose latest optimizer step was skipped (a non-finite loss or gradient)
+    world: int  # processes taking part (a global batch is world x accumulation x the batch)
 
     def batch(self) -> dict[str, torch.Tensor]: ...
 
@@ -45,6 +47,20 @@ class Step(Protocol):
     def update(self, name: str, loss: torch.Tensor) -> None: ...
 
     def frozen(self, name: str) -> AbstractContextManager: ...
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` averaged over ranks (every rank calls it; ADA decides its p from it)."""
+        ...
+
+    def module(self, name: str) -> nn.Module:
+        """The plain network under its DDP / DeepSpeed wrapper (same parameters, no wrapper hooks):
+        what a gradient penalty runs its own forward and input-gradient through."""
+        ...
+
+    def gathered(self, name: str) -> AbstractContextManager[nn.Module]:
+        """The plain network `name` with its full parameters inside the block (ZeRO-3 gathers its
+        shards, read-only; elsewhere they are whole already): what an EMA of G averages."""
+        ...
 
 
 class Examples(Protocol):
@@ -74,6 +90,12 @@ class RecipeParams:
         """Real batches one generator step draws (before accumulation): what images/s counts."""
         return 1
 
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        """Networks whose loss holds a gradient of their own output (a gradient penalty): they need a
+        double backward, which works under DDP and ZeRO 0-2 but not ZeRO-3 (the config refuses it)."""
+        return ()
+
 
 class Recipe(ABC):
     """A GAN. Subclass it, decorate the subclass with `models.recipes.register`, and give it a
@@ -93,6 +115,9 @@ class Recipe(ABC):
     condition: ClassVar[Literal["", "label", "text"]] = ""
     translates: ClassVar[bool] = False
     optimized: ClassVar[tuple[str, ...]] = ("G", "D")
+    # Set by `gannet sample/eval --raw`: `generate` uses the trained G even where the recipe keeps
+    # an average of it (G_ema), which it uses by default.
+    sample_raw: bool = False
 
     def __init__(self, params: RecipeParams, cfg: Config, examples: Examples | None = None):
         self.params = params
@@ -156,14 +181,47 @@ class Recipe(ABC):
 @dataclass
 class AdversarialParams(RecipeParams):
     d_steps: int = 1  # k discriminator steps per generator step (Goodfellow et al., Algorithm 1)
+    # Generator EMA (StyleGAN2-ADA): half-life in thousands of images (0 = off; SG2-ADA uses 10),
+    # ramp-up (half-life <= ramp x images seen; 0 = none), and the G step it starts averaging at.
+    ema_kimg: float = 0.0
+    ema_rampup: float = 0.05
+    ema_start: int = 0
+    # Gradient penalties: R1 on real images, applied lazily every r1_every D steps (weight x r1_every);
+    # WGAN-GP on real/fake interpolates. 0 = off.
+    r1_gamma: float = 0.0
+    r1_every: int = 16
+    gp_weight: float = 0.0
+    # Differentiable augmentation of D's inputs (models.augment): DiffAugment with `diffaugment`'s ops,
+    # or ADA, whose p is tuned towards ada_target every ada_interval G steps, at most 1 per ada_kimg thousand images.
+    augment: Literal["none", "diffaugment", "ada"] = "none"
+    diffaugment: str = "color,translation,cutout"
+    ada_target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 50.0
 
     def validate(self) -> None:
         if self.d_steps < 1:
             raise ConfigError(f"recipe.d_steps={self.d_steps} must be >= 1")
+        for key in ("ema_kimg", "ema_rampup", "ema_start", "r1_gamma", "gp_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"recipe.{key}={getattr(self, key)} must be >= 0")
+        for key in ("r1_every", "ada_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"recipe.{key}={getattr(self, key)} must be >= 1")
+        if not 0 < self.ada_target < 1 or self.ada_kimg <= 0:
+            raise ConfigError(f"recipe.ada_target={self.ada_target} must be in (0, 1) and ada_kimg={self.ada_kimg} > 0")
+        try:
+            augment.parse_policy(self.diffaugment)
+        except ValueError as err:
+            raise ConfigError(f"recipe.diffaugment: {err}") from None
 
     @property
     def batches_per_step(self) -> int:
         return self.d_steps
+
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        return ("D",) if self.r1_gamma > 0 or self.gp_weight > 0 else ()
 
 
 class AdversarialRecipe(Recipe):
@@ -176,17 +234,45 @@ class AdversarialRecipe(Recipe):
     - `d_penalty`: a regulariser that sees D's inputs (R1, WGAN-GP), added to D's loss;
     - `after_g_step`: work after G's update (an EMA copy of G).
     So the minimax and non-saturating GAN, LSGAN, the conditional GAN and the text-to-image GAN
-    share one, tested, update order.
+    share one, tested, update order. The quality switches of `AdversarialParams` (G EMA, R1 /
+    WGAN-GP, DiffAugment / ADA) are built on those same hooks: a subclass that overrides one calls
+    super() to keep them.
     """
 
     Params: ClassVar[type[RecipeParams]] = AdversarialParams
 
+    def __init__(self, params: RecipeParams, cfg: Config, examples: Examples | None = None):
+        super().__init__(params, cfg, examples)
+        self.ops = augment.parse_policy(params.diffaugment) if params.augment == "diffaugment" else []
+        self.ada = augment.AdaController(params.ada_target, params.ada_interval, params.ada_kimg * 1000)
+        self.lazy_r1 = penalties.LazyCounter(params.r1_every, cfg.train.grad_accum)
+        self.g_steps, self.ema_images, self.last_r1 = 0, 0, 0.0
+
     def build(self) -> dict[str, nn.Module]:
         model, data = self.cfg.model, self.cfg.data
-        return {
+        nets = {
             "G": networks.build(networks.GENERATORS, model.generator, model, data),
             "D": networks.build(networks.DISCRIMINATORS, model.discriminator, model, data),
         }
+        if self.params.ema_kimg > 0:
+            nets["G_ema"] = copy.deepcopy(nets["G"])  # not optimised: the engine keeps it without gradients
+        return nets
+
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of an image (real or fake alike): DiffAugment, ADA with the current p, or x."""
+        if self.params.augment == "diffaugment":
+            return augment.diff_augment(x, self.ops)
+        if self.params.augment == "ada":
+            return augment.ada_augment(x, self.ada.p)
+        return x
+
+    def discriminate(self, D: nn.Module, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """D's output on an augmented image: every D forward of an objective or penalty goes through here."""
+        return D(self.augmented(x), *cond)
+
+    def decision_boundary(self) -> float:
+        """D's raw output that separates "real" from "fake" answers (ADA counts real images above it)."""
+        return 0.0
 
     @abstractmethod
     def d_loss(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> torch.Tensor:
@@ -209,13 +295,47 @@ class AdversarialRecipe(Recipe):
     def d_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                   cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """A term added to D's loss that needs D's inputs (a gradient penalty runs its own forward
-        on them), and what it reports; (None, {}) = no penalty. `fake` is detached."""
-        del D, real, fake, cond
-        return None, {}
+        on them), and what it reports; (None, {}) = no penalty. `fake` is detached. Here: lazy R1
+        (`r1_gamma`, reported as `r1`: its latest value) and WGAN-GP (`gp_weight`, as `gp`)."""
+        p, total, stats = self.params, None, {}
+        D_aug = lambda x, *c: self.discriminate(D, x, *c)  # noqa: E731  (penalties see what the loss sees)
+        if p.r1_gamma > 0:
+            if self.lazy_r1():
+                value = penalties.r1(D_aug, real, *cond)
+                total, self.last_r1 = 0.5 * p.r1_gamma * p.r1_every * value, value.item()
+            stats["r1"] = torch.tensor(self.last_r1, device=real.device)
+        if p.gp_weight > 0:
+            gp = penalties.wgan_gp(D_aug, real, fake, *cond)
+            total = p.gp_weight * gp if total is None else total + p.gp_weight * gp
+            stats["gp"] = gp.detach()
+        return total, stats
 
     def after_g_step(self, step: Step) -> None:
-        """Called at the end of an iteration whose G optimizer step was taken (e.g. to average G)."""
-        del step
+        """Called at the end of an iteration whose G optimizer step was taken (a skipped, non-finite step
+        leaves the EMA and ADA's tally as they were): the EMA of G, and ADA's p."""
+        p = self.params
+        batch = self.cfg.data.batch_size * step.accumulation * step.world  # images of this G step, all ranks
+        if "G_ema" in step.nets:
+            beta = ema.ema_beta(batch, self.ema_images, p.ema_kimg * 1000, p.ema_rampup) if self.g_steps >= p.ema_start else 0.0
+            with step.gathered("G") as G:
+                ema.update_average(step.nets["G_ema"], G, beta)
+            self.ema_images += batch
+        if p.augment == "ada":
+            device = next(step.nets["D"].parameters()).device
+            self.ada.after_step(batch, lambda t: step.mean(t.to(device)).cpu())
+        self.g_steps += 1
+
+    def state_dict(self) -> dict:
+        """Counters that exact resume needs: EMA images seen, lazy-R1 calls, ADA's p and its tally."""
+        return {"g_steps": self.g_steps, "ema_images": self.ema_images, "r1_calls": self.lazy_r1.calls,
+                "last_r1": self.last_r1, "ada": self.ada.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.g_steps, self.ema_images, self.last_r1 = state["g_steps"], state["ema_images"], state["last_r1"]
+        self.lazy_r1.calls = state["r1_calls"]
+        self.ada.load_state_dict(state["ada"])
 
     def d_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """D's loss on one real batch and as many fresh fakes, and the D outputs the dashboards show."""
@@ -223,27 +343,36 @@ class AdversarialRecipe(Recipe):
         real = batch["image"]
         with torch.no_grad():
             fake = G(step.noise(real.shape[0], self.cfg.model.z_dim), *cond)
-        real_out, fake_out = D(real, *cond).float(), D(fake, *cond).float()  # losses in fp32 under bf16/fp16
-        return self.with_penalty(self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out), D, real, fake, cond)
+        # losses in fp32 under bf16/fp16
+        real_out, fake_out = self.discriminate(D, real, *cond).float(), self.discriminate(D, fake, *cond).float()
+        return self.with_penalty(self.d_loss(real_out, fake_out), self.d_outputs(real_out, fake_out), step.module("D"),
+                                 real, fake, cond)
 
     def with_penalty(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], D: nn.Module, real: torch.Tensor,
                      fake: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """D's loss plus `d_penalty` (what every D objective ends with, the recipe's own included)."""
+        """D's loss plus `d_penalty` (what every D objective ends with, the recipe's own included).
+        `D` is the plain network (`step.module("D")`): a penalty differentiates D's output by its
+        input, and DeepSpeed's engine takes any backward through its forward for the training one."""
         penalty, penalty_stats = self.d_penalty(D, real, fake, cond)
         if penalty is None:
             return loss, stats
         return loss + penalty, {**stats, **penalty_stats}
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """D(x) and D(G(z)) for the dashboards: the statistics, and the raw outputs as histograms."""
+        """D(x) and D(G(z)) for the dashboards: the statistics, and the raw outputs as histograms.
+        Every D objective reports through here once per D step, so ADA tallies D's real outputs here."""
         real_out, fake_out = real_out.detach(), fake_out.detach()
-        return {"d_real": self.d_stat(real_out), "d_fake": self.d_stat(fake_out),
-                "d_real_outputs": real_out.flatten(), "d_fake_outputs": fake_out.flatten()}
+        stats = {"d_real": self.d_stat(real_out), "d_fake": self.d_stat(fake_out),
+                 "d_real_outputs": real_out.flatten(), "d_fake_outputs": fake_out.flatten()}
+        if self.params.augment == "ada":
+            self.ada.observe(real_out, self.decision_boundary())
+            stats["ada_p"] = torch.tensor(self.ada.p, device=real_out.device)
+        return stats
 
     def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """G's loss through the (frozen) D, on fresh noise with the batch's conditions."""
         G, D, cond = step.nets["G"], step.nets["D"], self.conditions(batch)
-        gen_out = D(G(step.noise(batch["image"].shape[0], self.cfg.model.z_dim), *cond), *cond).float()
+        gen_out = self.discriminate(D, G(step.noise(batch["image"].shape[0], self.cfg.model.z_dim), *cond), *cond).float()
         return self.g_loss(gen_out), {}
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
@@ -265,5 +394,9 @@ class AdversarialRecipe(Recipe):
         """Noise drawn from `generator` (conditional recipes add their conditions)."""
         return {"z": torch.randn(n, self.cfg.model.z_dim, generator=generator)}
 
+    def generator(self, nets: Mapping[str, nn.Module]) -> nn.Module:
+        """The generator that samples: the EMA of G where the run keeps one (unless `sample_raw`), else G."""
+        return nets["G_ema"] if "G_ema" in nets and not self.sample_raw else nets["G"]
+
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return nets["G"](inputs["z"], *self.conditions(inputs))
+        return self.generator(nets)(inputs["z"], *self.conditions(inputs))

@@ -36,6 +36,9 @@ class LSGAN(AdversarialRecipe):
     def g_loss(self, fake_out: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((fake_out - self.params.c) ** 2).mean()
 
+    def decision_boundary(self) -> float:
+        return (self.params.a + self.params.b) / 2
+
     def equilibrium(self) -> dict[str, float]:
         a, b = self.params.a, self.params.b
         mid = (a + b) / 2  # D's best answer when real and fake are the same distribution

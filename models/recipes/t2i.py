@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models import conditional
+from models import conditional, penalties
 from models.recipes import register
 from models.recipes.base import Step
 from models.recipes.cgan import check_networks
@@ -45,6 +44,14 @@ class T2IParams(GANParams):
     # shards the fixed sample-grid prompts come from; default: the held-out split (eval.heldout, else
     # val-*.tar beside data.shards), else data.shards
     prompts: str = ""
+    # DF-GAN's matching-aware gradient penalty: weight * E ||grad_(x, s) D(x, s)||^power on real
+    # images with their own captions (DF-GAN: 2 and 6); 0 = off
+    ma_gp_weight: float = 0.0
+    ma_gp_power: float = 6.0
+
+    @property
+    def double_backward(self) -> tuple[str, ...]:
+        return ("D",) if self.ma_gp_weight > 0 else super().double_backward
 
     def validate(self) -> None:
         super().validate()
@@ -79,16 +86,25 @@ class TextToImageGAN(GAN):
         real, text = batch["image"], batch["text_emb"]
         with torch.no_grad():
             fake, _ = G(step.noise(real.shape[0], self.cfg.model.z_dim), text)
-        real_out, fake_out = D(real, text).float(), D(fake, text).float()
-        real_term = F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out))
-        fake_term = F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
+        real_out, fake_out = self.discriminate(D, real, text).float(), self.discriminate(D, fake, text).float()
+        real_term, fake_term = self.real_term(real_out), self.fake_term(fake_out)
         stats = self.d_outputs(real_out, fake_out)
         if not self.params.mismatch:
-            return self.with_penalty(0.5 * (real_term + fake_term), stats, D, real, fake, (text,))
-        wrong_out = D(real, text.roll(1, dims=0)).float()
-        wrong_term = F.binary_cross_entropy_with_logits(wrong_out, torch.zeros_like(wrong_out))
+            return self.with_penalty(0.5 * (real_term + fake_term), stats, step.module("D"), real, fake, (text,))
+        wrong_out = self.discriminate(D, real, text.roll(1, dims=0)).float()
+        wrong_term = self.fake_term(wrong_out)
         stats.update(d_wrong=self.d_stat(wrong_out.detach()), loss_d_mismatch=wrong_term.detach())
-        return self.with_penalty(0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats, D, real, fake, (text,))
+        return self.with_penalty(0.5 * (real_term + 0.5 * (wrong_term + fake_term)), stats, step.module("D"), real, fake, (text,))
+
+    def d_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                  cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The shared penalties (R1, WGAN-GP), plus MA-GP on real images and their matching captions."""
+        total, stats = super().d_penalty(D, real, fake, cond)
+        if self.params.ma_gp_weight > 0:
+            gp = penalties.ma_gp(lambda x, s: self.discriminate(D, x, s), real, cond[0], self.params.ma_gp_power)
+            term = self.params.ma_gp_weight * gp
+            total, stats = (term if total is None else total + term), {**stats, "ma_gp": gp.detach()}
+        return total, stats
 
     def g_objective(self, step: Step, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         G, D, text = step.nets["G"], step.nets["D"], batch["text_emb"]
@@ -99,7 +115,7 @@ class TextToImageGAN(GAN):
         loss, kl = 0.0, 0.0
         for t in texts:
             fake, kl_t = G(step.noise(t.shape[0], self.cfg.model.z_dim), t)
-            loss, kl = loss + self.g_loss(D(fake, t).float()), kl + kl_t.float()
+            loss, kl = loss + self.g_loss(self.discriminate(D, fake, t).float()), kl + kl_t.float()
         stats = {"kl": kl.detach()} if self.cfg.model.cond_aug else {}
         return loss + self.params.kl_weight * kl, stats
 
@@ -109,6 +125,8 @@ class TextToImageGAN(GAN):
         2/3, and its loss is (1/2) log(3/2) + (1/4) log 3."""
         if not self.params.mismatch:
             return super().equilibrium()
+        if self.params.loss == "hinge":  # matched pairs: s = 1 costs 0 + (1/4) x 2; mismatched ones sit at -1 for free
+            return {"loss_d": 0.5, "d_real": 1.0, "d_fake": 1.0, "separation": 2.0}
         return {"loss_d": 0.5 * math.log(1.5) + 0.25 * math.log(3), "d_real": 2 / 3, "d_fake": 2 / 3, "separation": 1.0}
 
     def encode(self, captions: list[str]) -> torch.Tensor:
@@ -132,7 +150,7 @@ class TextToImageGAN(GAN):
                 "label": torch.tensor([self.prompts[i][1] for i in index])}
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return nets["G"](inputs["z"], inputs["text_emb"])[0]
+        return self.generator(nets)(inputs["z"], inputs["text_emb"])[0]
 
     def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
         return [self.prompts[int(i)][0] for i in inputs["prompt"]]
