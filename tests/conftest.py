@@ -6,19 +6,26 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 
 import models.recipes
-
-from trainer.shards import bundled_mnist, labelled_images, write_mnist_shards, write_silhouette_shards, write_split
+from trainer.shards import (
+    bundled_mnist,
+    labelled_images,
+    write_mnist_shards,
+    write_silhouette_shards,
+    write_split,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's launchers (accelerate, torchrun)
@@ -55,6 +62,19 @@ def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> sub
     if check and result.returncode != 0:
         raise AssertionError(f"gannet {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
     return result
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool], *, env: dict | None = None, timeout: float = 300) -> None:
+    """Start `cmd` from the repo root in its own session and SIGKILL the whole group (the trainer and
+    its loader workers, no chance to clean up) as soon as `ready()` holds; fail if it ends first."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or process_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def accelerate_train(overrides: list[str], processes: int = 2, config: str = "lsgan_mnist") -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,14 +19,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, gannet, process_env, tiny_overrides, without_perf
-from trainer.checkpoint import CheckpointError, verify_checkpoint, verify_run, write_manifest
-from trainer.schema import DataConfig
+from tests.conftest import (
+    REPO,
+    gannet,
+    kill_when,
+    process_env,
+    tiny_overrides,
+    without_perf,
+)
+from trainer.checkpoint import (
+    CheckpointError,
+    verify_checkpoint,
+    verify_run,
+    write_manifest,
+)
 from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
 from trainer.engine import free_port
 from trainer.errors import DataError
-from trainer.statefile import load_state
 from trainer.safe_load import check_torch_file, weights_only_loads
+from trainer.schema import DataConfig
+from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
 
 TINY = {"data.batch_size": 16, "model.g_width": 8, "model.d_width": 8, "train.num_samples": 4}
@@ -108,7 +119,9 @@ def test_torch_file_whose_pickle_runs_code_is_refused(tmp_path):
 def test_deepspeeds_own_load_is_forced_to_weights_only(tmp_path, monkeypatch):
     """Second layer: a file that changes after the check is still unpickled by DeepSpeed's
     TorchCheckpointEngine.load (weights_only=False in its source) under torch's restricted unpickler."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
     marker = tmp_path / "code-ran"
     folder = tmp_path / "deepspeed_G"
@@ -278,15 +291,8 @@ def launch(processes: int) -> tuple[list[str], dict[str, str]]:
 def train_until_killed(overrides: list[str], run: Path, event: str, step: int, processes: int = 1) -> None:
     """Start `gannet train ... resume=auto`, SIGKILL its whole process group at the point."""
     prefix, env = launch(processes)
-    proc = subprocess.Popen([*prefix, "train", "lsgan_mnist", *overrides, "resume=auto"], cwd=REPO,
-                            env={**env, "GANNET_TEST_SLOW_CHECKPOINT": "0.5"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not reached(run, event, step):
-        assert proc.poll() is None and time.time() < deadline, f"the run ended before {event} {step}"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # trainer and loader workers, no chance to clean up
-    proc.wait()
+    kill_when([*prefix, "train", "lsgan_mnist", *overrides, "resume=auto"], lambda: reached(run, event, step),
+              env={**env, "GANNET_TEST_SLOW_CHECKPOINT": "0.5"})
 
 
 @pytest.fixture(scope="module")

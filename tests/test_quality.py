@@ -6,11 +6,7 @@ SIGKILL, and 2-process DDP and ZeRO-3 runs that must agree (an EMA of ZeRO-3 sha
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +15,7 @@ from torch import nn
 
 from models import augment, ema, penalties
 from models.networks import spectral_normalize
-from tests.conftest import REPO, gannet, process_env, tiny_overrides, without_perf
+from tests.conftest import gannet, kill_when, tiny_overrides, without_perf
 from tests.test_distributed import assert_same_weights, harness
 from trainer.config import load_config
 from trainer.data import open_stream, stream_urls
@@ -234,14 +230,8 @@ def test_sigkill_then_resume_is_bit_identical_with_ema_sn_ada_and_lazy_r1(small_
     overrides = lambda run: tiny_overrides(small_shards, run, **extra)  # noqa: E731
     gannet("train", "lsgan_mnist", *overrides(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)], cwd=REPO,
-                            env=process_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-00000020").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)],
+              (killed / "checkpoints" / "step-00000020").exists)
     assert not (killed / "checkpoints" / "step-00000030").exists()
     gannet("train", "lsgan_mnist", *overrides(killed), "resume=auto")
     final_a, final_b = (run / "checkpoints" / "step-00000030" for run in (tmp_path / "straight", killed))
@@ -301,7 +291,11 @@ def test_translation_eval_tells_a_translator_from_the_identity(silhouettes, tmp_
     and cycle L1 0; a map onto real target-domain images gets ~100% and a low FID."""
     from pathlib import Path
 
-    from trainer.translation_eval import evaluate_translation, heldout_folder, read_folder
+    from trainer.translation_eval import (
+        evaluate_translation,
+        heldout_folder,
+        read_folder,
+    )
 
     full = silhouettes["full"]
     cfg = load_config("cyclegan_silhouettes", [f"data.shards={full}/a-*.tar", f"data.shards_b={full}/b-*.tar",

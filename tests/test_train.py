@@ -4,12 +4,7 @@ bit-identical weights, corrupt shards are survived and reported, W&B offline fil
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
-
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +14,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models.recipes import discover
-from tests.conftest import REPO, corrupt_copy, gannet, process_env, tiny_overrides, without_perf
-from trainer.wandb_files import find_run_files, read_history, read_media_files
+from tests.conftest import (
+    REPO,
+    corrupt_copy,
+    gannet,
+    kill_when,
+    tiny_overrides,
+    without_perf,
+)
 from trainer.statefile import load_state
 from trainer.tracking import read_metrics as metrics
+from trainer.wandb_files import find_run_files, read_history, read_media_files
 
 
 def bundled_config(recipe: str) -> Path:
@@ -81,14 +83,8 @@ def test_sigkill_then_resume_is_bit_identical(small_shards, tmp_path):
     gannet("train", "lsgan_mnist", *overrides(tmp_path / "straight"))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)], cwd=REPO,
-                            env=process_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-00000020").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, no chance to clean up
-    proc.wait()
+    kill_when([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)],
+              (killed / "checkpoints" / "step-00000020").exists)
     assert not (killed / "checkpoints" / "step-00000060").exists()
 
     resumed = gannet("train", "lsgan_mnist", *overrides(killed), "resume=auto")
