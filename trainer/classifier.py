@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.schema import Config
@@ -36,3 +41,21 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Config, ep
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def cached_classifier(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor],
+                      cache: Path, what: str) -> tuple[DigitClassifier, float]:
+    """The classifier cached at `cache` (beside the shards), else trained on `train` (images, labels)
+    and saved; returns it and its accuracy on `heldout`. `what` names it in the log."""
+    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
+    meta = cache.with_suffix(".json")
+    if cache.exists() and meta.exists():
+        model.load_state_dict(load_file(str(cache)))
+        return model.eval(), json.loads(meta.read_text())["heldout_accuracy"]
+    logging.getLogger("gannet").info("training the %s on %d real images (cached in %s)", what, len(train[0]), cache)
+    model = train_classifier(*train, cfg)
+    with torch.no_grad():
+        accuracy = (model(heldout[0]).argmax(1) == heldout[1]).float().mean().item()
+    save_file(model.state_dict(), str(cache))
+    meta.write_text(json.dumps({"heldout_accuracy": accuracy}))
+    return model, accuracy

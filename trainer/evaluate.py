@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.recipes.base import Recipe
 from trainer.captions import attribute_agreement
-from trainer.classifier import DigitClassifier, train_classifier
+from trainer.classifier import DigitClassifier, cached_classifier
 from trainer.schema import Config
 from trainer.data import cache_beside, expand_urls, first_images, heldout_beside
 from trainer.errors import ConfigError, GannetError
@@ -41,21 +40,10 @@ log = logging.getLogger("gannet")
 
 def classifier_for(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor],
                    cache: Path) -> tuple[DigitClassifier, float]:
-    """The cached classifier for these shards, trained on first use; returns it and held-out accuracy."""
-    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
-    meta = cache.with_suffix(".json")
-    if cache.exists() and meta.exists():
-        model.load_state_dict(load_file(str(cache)))
-        return model.eval(), json.loads(meta.read_text())["heldout_accuracy"]
-    if (train[1] < 0).any():
+    """The cached digit classifier for these shards, trained on first use; returns it and held-out accuracy."""
+    if not cache.exists() and (train[1] < 0).any():
         raise GannetError("the offline feature extractor needs class labels (.cls) in the training shards")
-    log.info("training the offline feature extractor on %d real images (cached in %s)", len(train[0]), cache)
-    model = train_classifier(*train, cfg)
-    with torch.no_grad():
-        accuracy = (model(heldout[0]).argmax(1) == heldout[1]).float().mean().item()
-    save_file(model.state_dict(), str(cache))
-    meta.write_text(json.dumps({"heldout_accuracy": accuracy}))
-    return model, accuracy
+    return cached_classifier(cfg, train, heldout, cache, "offline feature extractor")
 
 
 class ClassifierFeatures:

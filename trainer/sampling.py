@@ -82,6 +82,12 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
     return save_grid(images, out, nrow=nrow)
 
 
+def decode_images(files: list[Path], cfg: Config) -> torch.Tensor:
+    """Image files as the run's networks take them: resized to its image size and channels, as in training."""
+    return torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]
+                        for path in files])
+
+
 def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Path, *, batch_size: int = 16) -> list[Path]:
     """Translate every image in INPUT_DIR with RUN_DIR's latest generator for `direction` (AtoB or
     BtoA): each is resized to the run's image size, as in training, and written as OUT_DIR/NAME.png."""
@@ -89,8 +95,7 @@ def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Pa
     if not recipe.translates:
         raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
     files = image_files(input_dir)
-    images = torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]
-                          for path in files])
+    images = decode_images(files, cfg)
     nets = load_networks(recipe, kept[max(kept)])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from models.recipes.base import Recipe
-from trainer.classifier import DigitClassifier, train_classifier
-from trainer.data import decode_image_sample, expand_urls, first_images
+from trainer.classifier import cached_classifier
+from trainer.data import cache_beside, expand_urls, first_images
 from trainer.errors import GannetError
 from trainer.images import save_grid
 from trainer.metrics import frechet_distance
 from trainer.schema import Config
-from trainer.shards import image_fields, image_files
+from trainer.sampling import decode_images
+from trainer.shards import image_files
 
 log = logging.getLogger("gannet")
 
@@ -43,28 +43,19 @@ def heldout_folder(cfg: Config, domain: str) -> Path:
 
 
 def read_folder(folder: Path, cfg: Config) -> torch.Tensor:
-    return torch.stack([decode_image_sample(image_fields(p), cfg.data.image_size, cfg.data.channels)["image"]
-                        for p in image_files(folder)])
+    return decode_images(image_files(folder), cfg)
 
 
 def domain_classifier(cfg: Config, train: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor]):
-    """A to 0, B to 1: the digit classifier's network, trained once on the training images and cached."""
-    cache = Path(expand_urls(cfg.data.shards)[0]).parent / ".gannet-domain-classifier.safetensors"
-    meta = cache.with_suffix(".json")
-    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
-    if cache.exists() and meta.exists():
-        model.load_state_dict(load_file(str(cache)))
-        return model.eval(), json.loads(meta.read_text())["heldout_accuracy"]
-    log.info("training the domain classifier on %d + %d real images (cached in %s)", len(train["A"]), len(train["B"]), cache)
-    images = torch.cat([train["A"], train["B"]])
-    labels = torch.cat([torch.zeros(len(train["A"]), dtype=torch.long), torch.ones(len(train["B"]), dtype=torch.long)])
-    model = train_classifier(images, labels, cfg)
-    with torch.no_grad():
-        right = [(model(heldout[d]).argmax(1) == i).float() for i, d in enumerate("AB")]
-    accuracy = torch.cat(right).mean().item()
-    save_file(model.state_dict(), str(cache))
-    meta.write_text(json.dumps({"heldout_accuracy": accuracy}))
-    return model, accuracy
+    """A to 0, B to 1: the digit classifier's network, trained once on the training images and cached
+    beside the shards (a local cache folder for remote ones)."""
+
+    def labelled(images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([images["A"], images["B"]]),
+                torch.cat([torch.full((len(images[d]),), i, dtype=torch.long) for i, d in enumerate("AB")]))
+
+    cache = cache_beside(expand_urls(cfg.data.shards)[0], ".gannet-domain-classifier.safetensors")
+    return cached_classifier(cfg, labelled(train), labelled(heldout), cache, "domain classifier")
 
 
 def evaluate_translation(run_dir: Path, cfg: Config, recipe: Recipe, checkpoint: Path, nets: dict) -> dict[str, Any]:
