@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -72,6 +73,10 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
     checksum = sum(float(v.double().sum()) for state in weights.values() for v in state.values())
     with open(f"{out}.rank{engine.rank}.json", "w") as f:
         json.dump({"nonfinite_steps": engine.nonfinite_steps, "checksum": checksum}, f)
+    if engine.is_main and engine.fast.compile:  # what torch.compile captured, for the compile tests
+        from trainer.fast import compile_report
+
+        Path(f"{out}.compile.txt").write_text(compile_report(len(engine.optimizers)))
     if engine.is_main:
         save_file({f"{name}.{k}": v.float().contiguous() for name, state in weights.items() for k, v in state.items()}, out)
     engine.close()

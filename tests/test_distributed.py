@@ -4,6 +4,7 @@ DeepSpeed resume, and DDP resume on a different number of processes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,19 @@ def test_deepspeed_zero_stages_on_two_processes_match_ddp(reference, tmp_path, s
     weights = harness(tmp_path / f"zero{stage}.st", 2, "train.strategy=deepspeed",
                       f"optim.g.zero_stage={stage}", f"optim.d.zero_stage={stage}")
     assert_same_weights(weights, reference["trained"], reference["initial"])
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), pytest.param("zero1", marks=pytest.mark.slow), "zero2"])
+def test_compiled_networks_on_two_processes_match_eager(reference, tmp_path, strategy):
+    """train.compile under DDP and DeepSpeed ZeRO-1/2: graph capture (aot_eager: AOTAutograd
+    without code generation, so the test does not wait for a C++ compiler) computes the eager run's
+    weights; a wrapper that bypassed the compiled forward, or broke gradient sync, would not."""
+    extra = [] if strategy == "ddp" else ["train.strategy=deepspeed", f"optim.g.zero_stage={strategy[-1]}",
+                                          f"optim.d.zero_stage={strategy[-1]}"]
+    weights = harness(tmp_path / f"{strategy}.st", 2, "train.compile=on", "train.compile_backend=aot_eager", *extra)
+    assert_same_weights(weights, reference["trained"], reference["initial"])
+    report = (tmp_path / f"{strategy}.st.compile.txt").read_text()
+    assert re.match(r"torch.compile: [1-9]\d* graph\(s\), 0 graph break\(s\)", report), report
 
 
 @pytest.mark.parametrize("g_stage, d_stage", [(2, 3), (1, 1)])
