@@ -102,6 +102,26 @@ def test_label_networks_use_the_label(discriminator):
     assert networks.DISCRIMINATORS[discriminator]
 
 
+def test_text_projection_discriminator_scores_the_caption_through_the_image_features():
+    """logit = head(h) + <mlp(t), sum-pooled h>: the caption moves the logit, and for an image whose
+    features are all zero (nothing seen) it cannot: the text enters only by projection."""
+    from models.recipes import get_recipe
+
+    cfg = load_config("t2i_mnist", ["model.discriminator=text_projection", "model.g_width=8", "model.d_width=8",
+                                    "model.norm=none", "data.text_encoder=hashed"])
+    D = get_recipe("t2i")(cfg.recipe, cfg).build()["D"]
+    torch.manual_seed(0)
+    x, t1, t2 = torch.randn(4, 1, 28, 28), F.normalize(torch.randn(4, 512), dim=1), F.normalize(torch.randn(4, 512), dim=1)
+    assert not torch.allclose(D(x, t1), D(x, t2))
+    h = D.trunk(x)
+    want = D.head(h).flatten() + (D.text(t1) * h.sum(dim=(2, 3))).sum(dim=1)
+    assert torch.allclose(D(x, t1), want, atol=1e-6)
+    blank = torch.nn.Sequential(D.trunk, torch.nn.Flatten())
+    for p_ in blank.parameters():
+        torch.nn.init.zeros_(p_)
+    assert torch.allclose(D(x, t1), D(x, t2))
+
+
 class OneBatch:
     """The Step interface over one fixed batch and fixed noise, to check a recipe's arithmetic."""
 

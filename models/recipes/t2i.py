@@ -75,7 +75,7 @@ class TextToImageGAN(GAN):
 
     def build(self) -> dict[str, nn.Module]:
         nets = super().build()
-        check_networks("t2i", nets, (conditional.TextGenerator,), (conditional.MatchingDiscriminator,))
+        check_networks("t2i", nets, (conditional.TextGenerator,), (conditional.MatchingDiscriminator, conditional.TextProjectionDiscriminator))
         return nets
 
     def conditions(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
