@@ -5,8 +5,11 @@ Whatever the world size, accumulation or strategy, every configuration sees the 
 batches and the same global noise, split into world x accumulation equal chunks, so the final
 weights must agree to float tolerance: that is what the equivalence tests assert. Only the data
 and noise sources are replaced; networks, recipe, DDP/DeepSpeed and optimizers are the real ones.
-HARNESS_NAN_BATCH=CALL:RANK makes that rank's batch number CALL all NaN (fault injection); each
-rank then writes OUT.rankR.json: its count of skipped steps and a checksum of its weights.
+HARNESS_NAN_BATCH=CALL:RANK makes that rank's batch number CALL all NaN, HARNESS_INF_GRAD=CALL:RANK
+makes D's gradient from that batch infinite with a finite loss (an overflow in backward): fault
+injection. Each rank then writes OUT.rankR.json: its count of skipped steps, a checksum of its
+weights, whether each skipped step left D's weights and optimizer state exactly as they were, and
+each DeepSpeed engine's (micro steps, optimizer steps, skipped steps) beside gannet's micro-batch count.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def chunk(global_tensor: torch.Tensor, call: int, world: int, rank: int, accumul
     return global_tensor[start : start + size]
 
 
+def d_state(engine) -> list[torch.Tensor]:
+    """D's parameters (whole, ZeRO-3 gathered) and its optimizer's state (this rank's partition
+    under ZeRO, with the fp32 master weights), as copies."""
+    names = {name for name, _ in engine.module("D").named_parameters()}
+    optimizer = engine.optimizers["D"]
+    base = getattr(optimizer, "optimizer", optimizer)  # Accelerate's and ZeRO's wrappers hold a torch optimizer
+    masters = [p.detach().clone() for group in base.param_groups for p in group["params"]]
+    moments = [v.clone() for state in base.state.values() for v in state.values() if torch.is_tensor(v)]
+    return [v for k, v in engine.full_weights()["D"].items() if k in names] + masters + moments
+
+
 def main(out: str, steps: int, overrides: list[str]) -> None:
     probe = load_config("lsgan_mnist", overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,6 +70,9 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
         part = chunk(images[start : start + GLOBAL_BATCH], calls["batch"] - 1, engine.world, engine.rank, cfg.train.grad_accum)
         if os.environ.get("HARNESS_NAN_BATCH") == f"{calls['batch'] - 1}:{engine.rank}":
             part = torch.full_like(part, float("nan"))
+        if os.environ.get("HARNESS_INF_GRAD") == f"{calls['batch'] - 1}:{engine.rank}":
+            weight, fired = next(engine.module("D").parameters()), []  # this batch's D backward only
+            weight.register_hook(lambda g: g if fired else fired.append(1) or g * float("inf"))
         return {"image": part.to(engine.device, engine.input_dtype)}
 
     def noise(n: int, dim: int) -> torch.Tensor:
@@ -67,12 +84,19 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
         return part.to(engine.device, engine.input_dtype)
 
     engine.batch, engine.noise = batch, noise
+    untouched = []
     for _ in range(steps):
+        before = d_state(engine)
         recipe.iteration(engine)
+        if "D" in engine.skipped:
+            untouched.append(all(torch.equal(a, b) for a, b in zip(before, d_state(engine))))
     weights = engine.full_weights()
     checksum = sum(float(v.double().sum()) for state in weights.values() for v in state.values())
+    counters = {name: [net.micro_steps, net.global_steps, net.skipped_steps, engine._micro.get(name, 0)]
+                for name, net in engine.nets.items() if hasattr(net, "skipped_steps")}
     with open(f"{out}.rank{engine.rank}.json", "w") as f:
-        json.dump({"nonfinite_steps": engine.nonfinite_steps, "checksum": checksum}, f)
+        json.dump({"nonfinite_steps": engine.nonfinite_steps, "checksum": checksum, "untouched": untouched,
+                   "deepspeed": counters}, f)
     if engine.is_main and engine.fast.compile:  # what torch.compile captured, for the compile tests
         from trainer.fast import compile_report
 

@@ -184,6 +184,31 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_shards, tmp_
     assert [v.line() for v in verify_run(run)] == ["step-00000004: ok"]
 
 
+def test_a_checkpoint_that_fails_on_one_rank_stops_both_at_once_with_the_previous_one_intact(small_shards, tmp_path):
+    """Two processes started as Slurm's srun would; rank 1's disk is full while it writes step 8's
+    checkpoint (test hook GANNET_TEST_FULL_DISK=1:8), rank 0's writes succeed. The ranks agree on
+    the failure instead of rank 0 waiting at the barrier for train.dist_timeout_s (300 s here):
+    both exit within seconds with the same line, and step 4's checkpoint verifies."""
+    run, port = tmp_path / "run", str(free_port())
+    overrides = tiny_overrides(small_shards, run, **{**TINY, "train.steps": 8, "train.checkpoint_every": 4, "train.log_every": 4,
+                                                     "train.sample_every": 8, "train.cpu": "true", "train.dist_timeout_s": 300})
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides], cwd=REPO,
+                              env=process_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=port, GANNET_TEST_FULL_DISK="1:8"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    lines = []
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=280)
+        assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+        lines.append(stderr.strip().splitlines()[-1])
+    assert time.perf_counter() - started < 120  # the whole run, start-up included
+    assert lines == [(f"gannet: error: could not write checkpoint {ckpt(run, 8)}: No space left on device (on rank 1); "
+                      f"the latest complete checkpoint ({ckpt(run, 4)}) is intact")] * 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]  # no half-written debris
+    assert [v.line() for v in verify_run(run)] == ["step-00000004: ok"]
+
+
 # -- random byte corruption and truncation of shards: counted, or the budget's message -------------
 
 def corrupt_shards(src: Path, dst: Path, seed: int) -> set[str]:

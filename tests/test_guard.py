@@ -88,6 +88,24 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and math.isfinite(ranks[0]["checksum"])  # still in step
 
 
+def test_deepspeed_non_finite_gradients_or_micro_batch_skip_the_accumulated_step_on_both_ranks(tmp_path):
+    """ZeRO-2 on two processes, two micro-batches per step. Step 2: rank 1's D gradient from its
+    second micro-batch is infinite while every loss is finite (an overflow in backward); step 3:
+    rank 0's second micro-batch is NaN. Each whole accumulated step is dropped on both ranks (one
+    all-reduce decides, DeepSpeed's own overflow path discards it): D's weights, fp32 master
+    weights and Adam moments exactly as before, counted, and DeepSpeed's micro-step and step
+    counters in step with gannet's."""
+    out = tmp_path / "w.st"
+    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "tests" / "dist_harness.py"),
+         str(out), "4", "train.cpu=true", "train.mixed_precision=no", "train.strategy=deepspeed", "optim.g.zero_stage=2",
+         "optim.d.zero_stage=2", "train.grad_accum=2"], env=process_env(HARNESS_INF_GRAD="3:1", HARNESS_NAN_BATCH="5:0"))
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["nonfinite_steps"] for r in ranks] == [2, 2] and [r["untouched"] for r in ranks] == [[True, True]] * 2
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and math.isfinite(ranks[0]["checksum"])
+    for r in ranks:  # (DeepSpeed's micro steps, steps, skipped steps, gannet's micro-batches)
+        assert r["deepspeed"] == {"G": [8, 4, 0, 8], "D": [8, 4, 2, 8]}
+
+
 def train_through_a_poisoned_window(cfg, monkeypatch, bad: range) -> Path:
     """`gannet train` in this process, with the stream's batches `bad` (counted over the whole run,
     across reopenings after a rollback) NaN: a divergence the guard must survive or report."""

@@ -191,46 +191,72 @@ def save_checkpoint(
     per_rank: dict[str, Any],
     keep: int,
     write_files: Callable[[Path], None] = lambda tmp: None,
+    first_error: Callable[[str], str] = lambda error: error,
 ) -> Path:
     """Write checkpoint `step` from every rank (all ranks must call this together).
 
-    `write_files(tmp)` runs on every rank, for state that writes itself (DeepSpeed engines)."""
+    `write_files(tmp)` runs on every rank, for state that writes itself (DeepSpeed engines).
+    `first_error(reason)` is a collective: every rank passes its own failure ("" if none) and gets
+    the lowest failing rank's. It replaces the barriers after each phase, so a write that fails on
+    one rank (a full disk on one node) stops every rank at once with the same line, instead of
+    leaving the others at a barrier until train.dist_timeout_s."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    failed = _attempt(lambda: _prepare(tmp) if rank == 0 else None)
     barrier()
-    try:
-        if rank == 0:
-            for name, tensors in weights.items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-            save_state(shared, tmp / "shared")
-        save_state(per_rank, tmp / f"rank{rank}")
-        write_files(tmp)
-        _test_pause("GANNET_TEST_SLOW_CHECKPOINT")
-        for path in tmp.rglob("*"):
-            if path.is_file() and (path.name.startswith(f"rank{rank}.") or rank == 0):
-                _fsync(path)
-    except Exception as exc:
-        _abandon(run_dir, tmp, final, exc)
-    barrier()
+    if failed is None:
+        failed = _attempt(lambda: _write_own(tmp, step, rank, weights, shared, per_rank, write_files))
+    _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
+    if rank == 0:  # last: a folder with a manifest was written whole
+        failed = _attempt(lambda: _commit(tmp, final, root, step))
+    _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
     if rank == 0:
-        try:
-            write_manifest(tmp, step)  # last: a folder with a manifest was written whole
-            _fsync(tmp)
-        except Exception as exc:
-            _abandon(run_dir, tmp, final, exc)
-        if final.exists():  # the same step saved again after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _prepare(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _write_own(tmp: Path, step: int, rank: int, weights: dict[str, dict[str, torch.Tensor]], shared: dict[str, Any],
+               per_rank: dict[str, Any], write_files: Callable[[Path], None]) -> None:
+    """This rank's part: DeepSpeed's files first (their writer holds collectives of its own, so
+    every rank must reach it), then rank 0 the shared state and each rank its own file, fsynced."""
+    write_files(tmp)
+    if rank == 0:
+        for name, tensors in weights.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        save_state(shared, tmp / "shared")
+    save_state(per_rank, tmp / f"rank{rank}")
+    _test_full_disk("GANNET_TEST_FULL_DISK", f"{rank}:{step}", tmp)
+    _test_pause("GANNET_TEST_SLOW_CHECKPOINT")
+    for path in tmp.rglob("*"):
+        if path.is_file() and (path.name.startswith(f"rank{rank}.") or rank == 0):
+            _fsync(path)
+
+
+def _commit(tmp: Path, final: Path, root: Path, step: int) -> None:
+    write_manifest(tmp, step)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+
+
+def _attempt(action: Callable[[], None]) -> Exception | None:
+    """Run `action`; its exception, or None. Every rank goes on to the agreement either way."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - settled on every rank by _settle
+        return exc
+    return None
 
 
 def _is_full_disk(exc: BaseException, folder: Path) -> bool:
@@ -248,17 +274,42 @@ def _is_full_disk(exc: BaseException, folder: Path) -> bool:
     return stats.f_bavail * stats.f_frsize < CHUNK
 
 
-def _abandon(run_dir: Path, tmp: Path, final: Path, exc: Exception) -> None:
-    """Remove a half-written checkpoint and say, in one line, why and what is still there. Only
-    I/O failures become that line; anything else is a bug and keeps its traceback."""
-    full = _is_full_disk(exc, tmp)
-    if not full and not isinstance(exc, (OSError, SafetensorError)):
-        raise exc
-    shutil.rmtree(tmp, ignore_errors=True)
-    previous = [p for p in list_checkpoints(run_dir) if verify_checkpoint(p).status != "damaged"]
+def _reason(exc: Exception | None, tmp: Path, rank: int) -> str:
+    """What this rank tells the others about its write: "" if it succeeded, else why it failed,
+    in a few words (with the rank where more than one process writes)."""
+    if exc is None:
+        return ""
+    if _is_full_disk(exc, tmp):
+        why = "No space left on device"
+    elif isinstance(exc, (OSError, SafetensorError)):
+        why = getattr(exc, "strerror", None) or str(exc)
+    else:
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return f"{why} (on rank {rank})" if distributed else why
+
+
+def _settle(reason: str, own: Exception | None, run_dir: Path, tmp: Path, final: Path, rank: int) -> None:
+    """After the agreement: nothing to do if every rank succeeded. Otherwise every rank stops here:
+    rank 0 removes the half-written folder, and each rank raises the same one line saying why and
+    what is still there. An exception that is not an I/O failure is a bug: the rank where it
+    happened raises it with its traceback."""
+    if not reason:
+        return
+    if own is not None and not _is_full_disk(own, tmp) and not isinstance(own, (OSError, SafetensorError)):
+        raise own
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = [p for p in list_checkpoints(run_dir) if p != final and verify_checkpoint(p).status != "damaged"]
     kept = f"the latest complete checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
-    reason = "No space left on device" if full else (getattr(exc, "strerror", None) or str(exc))
-    raise CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}") from exc
+    raise CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}") from own
+
+
+def _test_full_disk(variable: str, where: str, folder: Path) -> None:
+    """Test hook: `variable`=RANK:STEP makes that rank find its disk full while writing that step's
+    checkpoint (one node's disk, say), after its files are written, before they are fsynced."""
+    if os.environ.get(variable) == where:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
 
 
 def _test_pause(variable: str) -> None:

@@ -119,6 +119,16 @@ class Engine:
         """`values` averaged over ranks (every rank calls it)."""
         return self.accelerator.reduce(values, "mean")
 
+    def first_error(self, error: str) -> str:
+        """The lowest rank's non-empty `error`, or "" if every rank passed "" (every rank calls it
+        and gets the same answer): one collective instead of a barrier where a step can fail on
+        some ranks only (a checkpoint write), so all of them stop together with the same reason."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized() and self.world > 1):
+            return error
+        errors: list[str] = [""] * self.world
+        torch.distributed.all_gather_object(errors, error)
+        return next((e for e in errors if e), "")
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's `values` concatenated along dim 0, in rank order (every rank calls it)."""
         return self.accelerator.gather(values)
@@ -367,23 +377,83 @@ class DeepSpeedEngine(Engine):
     def _unwrap(self, name: str) -> nn.Module:
         return self.nets[name].module
 
-    def update(self, name: str, loss: torch.Tensor) -> None:
-        """A non-finite loss (on any rank) skips backward and step alike, so DeepSpeed's own
-        counters stay in step. Its partitioned gradients are not inspected: the loss decides."""
+    @contextmanager
+    def _no_sync(self, name: str) -> Iterator[None]:
+        """While `name` is frozen inside another network's update, that network's `engine.backward`
+        runs through `name`'s engine forward. An engine without ZeRO's optimizer (stage 0) cannot
+        tell such a backward from a stray `tensor.backward()` and raises "Direct calls to
+        tensor.backward() are not supported"; it is told, through the flag its own `backward` sets,
+        that an engine's backward is running. Engines at ZeRO 1-3 accept it as it is."""
         engine = self.nets[name]
-        if self.accumulation == 1:
-            self._note_loss(name, loss)
-            if self._skip_nonfinite(name):
-                return
-        elif not self._all_ranks_finite(torch.isfinite(loss.detach()).all()):
-            raise GannetError(f"non-finite loss in {name} under DeepSpeed with train.grad_accum={self.accumulation}: "
-                              f"DeepSpeed cannot drop part of an accumulated step, so the run stops here; resume=auto "
-                              f"continues from the last checkpoint (train.grad_accum=1 skips such steps instead)")
-        engine.backward(loss)
-        if self.is_boundary(name):
+        if name not in self.optimizers or getattr(engine, "_support_torch_style_backward", True):
+            yield
+            return
+        with engine._running_engine_backward_lock:
+            engine._running_engine_backward_count += 1
+            engine._running_engine_backward = True
+        try:
+            yield
+        finally:
+            with engine._running_engine_backward_lock:
+                engine._running_engine_backward_count -= 1
+                engine._running_engine_backward = engine._running_engine_backward_count > 0
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        """Backward and DeepSpeed's step on every micro-batch (DeepSpeed counts micro-batches itself
+        and steps only at the boundary, so both counters stay aligned with `_micro`). At the
+        boundary this window's losses and this rank's share of the gradients, as its optimizer is
+        about to apply them, decide with one all-reduce; a step to skip is handed to DeepSpeed's
+        own overflow path, which drops the whole accumulated step on every rank."""
+        engine = self.nets[name]
+        boundary = self.is_boundary(name)
+        self._note_loss(name, loss)
+        engine.backward(loss)  # a non-finite loss too: its gradients are dropped with the step
+        skip = False
+        if boundary:
             self._before_step(name)
-        engine.step()  # a real optimizer step only at the accumulation boundary
+            skip = self._skip_nonfinite(name, self._grads_finite(name))
+            if skip:
+                self._discard_gradients(name)
+        engine.step()
         self._micro[name] = self._micro.get(name, 0) + 1
+        if skip and hasattr(engine.optimizer, "overflow") and engine.was_step_applied():
+            raise GannetError(f"DeepSpeed applied {name}'s optimizer step that gannet discarded for a non-finite "
+                              f"loss or gradient (ZeRO stage {self.optim_config(name).zero_stage}); please report it")
+
+    def _local_grads(self, name: str) -> list[torch.Tensor]:
+        """This rank's share of `name`'s gradients, where its DeepSpeed optimizer keeps them after
+        the boundary's backward (all reduced over ranks already): ZeRO 1-3 in the optimizer's
+        `averaged_gradients` (this rank's partition; ZeRO-2/3 leave `param.grad` empty), ZeRO 0 in
+        `param.grad` (fp32, or bf16/fp16 under DeepSpeed's unfused wrapper, which keeps its fp32
+        copies only inside its step)."""
+        optimizer = self.optimizers[name]
+        if isinstance(getattr(optimizer, "averaged_gradients", None), dict):
+            return [g for group in optimizer.averaged_gradients.values() if group is not None for g in group if g is not None]
+        return [p.grad for p in self.module(name).parameters() if p.grad is not None]
+
+    def _grads_finite(self, name: str) -> torch.Tensor | None:
+        """This rank's share of `name`'s gradients all finite (None under fp16, whose loss scaler
+        expects overflows and skips those steps itself)."""
+        if self.fast.mixed_precision == "fp16":
+            return None
+        grads = [g for g in self._local_grads(name) if g.numel()]
+        return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+
+    def _discard_gradients(self, name: str) -> None:
+        """Make `name`'s coming `engine.step()` change nothing, on every rank. DeepSpeed's own
+        optimizers (ZeRO 1-3, and the bf16/fp16 wrappers at ZeRO 0) skip a step whose gradients
+        hold an inf or NaN (an overflow check, or a global gradient norm all-reduced over ranks):
+        that path clears the accumulated gradients and counts the step as skipped. A NaN is written
+        into this rank's share to take it even where only a loss, or another rank, was bad. A plain
+        torch optimizer (ZeRO 0 in fp32) has no such path: without gradients Adam leaves weights
+        and moments alone."""
+        if hasattr(self.optimizers[name], "overflow"):
+            grads = [g for g in self._local_grads(name) if g.numel() and not getattr(g, "_zero_padding", False)]
+            if grads:
+                grads[0].view(-1)[0] = float("nan")
+            return
+        for p in self.module(name).parameters():
+            p.grad = None
 
     def _gathered(self, name: str) -> Any:
         import deepspeed
@@ -408,10 +478,18 @@ class DeepSpeedEngine(Engine):
         return {"deepspeed": sorted(self.optimizers)}
 
     def save_files(self, tmp_dir: Path) -> None:
-        """Each engine saves its own (partitioned) state in DeepSpeed's format, on every rank."""
-        for name in self.optimizers:
-            engine = self.nets[name]
-            engine.save_checkpoint(str(tmp_dir / f"deepspeed_{name}"), tag="state", save_latest=False)
+        """Each engine saves its own (partitioned) state in DeepSpeed's format, on every rank.
+        DeepSpeed's save holds barriers of its own: a rank whose write fails (a full disk) would
+        leave it and the others would wait there until train.dist_timeout_s. So its writer keeps
+        the first error and skips later writes, every rank goes through every engine's save and
+        all of their barriers, and the error is raised after, for the checkpoint's agreement."""
+        failed: list[Exception] = []
+        for name in self.optimizers:  # every engine's save, even after a failure: each has barriers
+            with deferred_errors(self.nets[name].checkpoint_engine) as errors:
+                self.nets[name].save_checkpoint(str(tmp_dir / f"deepspeed_{name}"), tag="state", save_latest=False)
+            failed += errors
+        if failed:
+            raise failed[0]
 
     def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         from trainer.safe_load import weights_only_loads
@@ -423,6 +501,30 @@ class DeepSpeedEngine(Engine):
             with weights_only_loads(ckpt_dir / f"deepspeed_{name}"):  # DeepSpeed's torch.load would run a crafted pickle
                 self.nets[name].load_checkpoint(str(ckpt_dir / f"deepspeed_{name}"), tag="state", load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
+
+
+@contextmanager
+def deferred_errors(writer: Any) -> Iterator[list[Exception]]:
+    """Inside the block, `writer.save` (a DeepSpeed checkpoint engine's) keeps its first error in
+    the list it yields and skips later writes instead of raising, so the caller passes every
+    collective of DeepSpeed's save before it reports the failure."""
+    failed: list[Exception] = []
+    save = writer.save
+
+    def deferred(*args: Any, **kwargs: Any) -> Any:
+        if failed:
+            return None
+        try:
+            return save(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, after DeepSpeed's barriers
+            failed.append(exc)
+            return None
+
+    writer.save = deferred
+    try:
+        yield failed
+    finally:
+        del writer.save  # the class's own method again
 
 
 def make_engine(cfg: Config) -> Engine:

@@ -262,7 +262,7 @@ def save(cfg: Config, job: Job, step: int) -> None:
     engine = job.engine
     save_checkpoint(
         cfg.run_path, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
-        weights=engine.full_weights(), write_files=engine.save_files,
+        weights=engine.full_weights(), write_files=engine.save_files, first_error=engine.first_error,
         shared={
             "step": step, "world": engine.world, "networks": list(engine.nets),
             "engine": engine.state_dict(),
