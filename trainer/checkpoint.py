@@ -204,13 +204,18 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     failed = _attempt(lambda: _prepare(tmp) if rank == 0 else None)
-    barrier()
-    if failed is None:
-        failed = _attempt(lambda: _write_own(tmp, step, rank, weights, shared, per_rank, write_files))
-    _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
-    if rank == 0:  # last: a folder with a manifest was written whole
-        failed = _attempt(lambda: _commit(tmp, final, root, step))
-    _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
+    try:
+        barrier()
+        if failed is None:
+            failed = _attempt(lambda: _write_own(tmp, step, rank, weights, shared, per_rank, write_files))
+        _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
+        if rank == 0:  # last: a folder with a manifest was written whole
+            failed = _attempt(lambda: _commit(tmp, final, root, step))
+        _settle(first_error(_reason(failed, tmp, rank)), failed, run_dir, tmp, final, rank)
+    finally:
+        # The failure's traceback holds this frame, which holds the failure: a cycle that would keep
+        # the caller's frames (and files they have mapped) alive until the next garbage collection.
+        failed = None
     if rank == 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:
