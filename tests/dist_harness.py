@@ -85,10 +85,11 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
 
     engine.batch, engine.noise = batch, noise
     untouched = []
+    faults = any(os.environ.get(v) for v in ("HARNESS_NAN_BATCH", "HARNESS_INF_GRAD"))  # copies only where a step can skip
     for _ in range(steps):
-        before = d_state(engine)
+        before = d_state(engine) if faults else []
         recipe.iteration(engine)
-        if "D" in engine.skipped:
+        if faults and "D" in engine.skipped:
             untouched.append(all(torch.equal(a, b) for a, b in zip(before, d_state(engine))))
     weights = engine.full_weights()
     checksum = sum(float(v.double().sum()) for state in weights.values() for v in state.values())
