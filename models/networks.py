@@ -50,12 +50,17 @@ def spectral_normalize(net: nn.Module) -> nn.Module:
     """Divide every conv, linear and embedding weight by its largest singular value (Miyato et al.
     2018), estimated by one power iteration per training forward. The iteration's vectors u and v
     are buffers (`...parametrizations.weight.0._u` / `._v`), so state dicts and checkpoints carry
-    them and a resumed run continues the same estimate; in eval mode no iteration runs."""
+    them and a resumed run continues the same estimate; in eval mode no iteration runs.
+
+    A network may name children in `spectral_norm_exempt`: layers that see only the condition
+    (a caption's embedding) do not enter D's Lipschitz constant in the image, and normalising
+    them only shrinks the small differences between captions until D cannot tell them apart."""
     from torch.nn.utils.parametrizations import spectral_norm
 
     layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+    exempt = {id(m) for name in getattr(net, "spectral_norm_exempt", ()) for m in getattr(net, name).modules()}
     for module in list(net.modules()):
-        if isinstance(module, layers):
+        if isinstance(module, layers) and id(module) not in exempt:
             spectral_norm(module)  # ConvTranspose2d: normalised over its output dim (torch picks dim=1)
     return net
 
@@ -145,6 +150,65 @@ def _dcgan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
 @register(DISCRIMINATORS, "dcgan")
 def _dcgan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
     return DCGANDiscriminator(model.d_width, data.channels, data.image_size, d_batch_norm(model))
+
+
+class SNGANGenerator(nn.Module):
+    """SNGAN's "standard CNN" generator (Miyato et al. 2018, table 3), on DCGAN's plan: a linear
+    layer to base x base x (width * 2**stages), stages of 4x4 stride-2 transposed convs with
+    BatchNorm + ReLU, and a 3x3 conv + Tanh at full size, so the last layer mixes a neighbourhood
+    instead of painting each pixel from one 2x2 patch as DCGAN's last transposed conv does."""
+
+    def __init__(self, z_dim: int, width: int, channels: int, image_size: int, batch_norm: bool = True):
+        super().__init__()
+        base, stages = dcgan_plan(image_size)
+        chans = [width * 2 ** (stages - i) for i in range(stages + 1)]  # e.g. 256, 128, 64
+        self.base, self.top = base, chans[0]
+        self.fc = nn.Linear(z_dim, base * base * chans[0])
+        layers: list[nn.Module] = [*norm_layer(chans[0], batch_norm), nn.ReLU(True)]
+        for c_in, c_out in zip(chans, chans[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=not batch_norm), *norm_layer(c_out, batch_norm), nn.ReLU(True)]
+        layers += [nn.Conv2d(chans[-1], channels, 3, 1, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(dcgan_init)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z.flatten(1)).view(z.shape[0], self.top, self.base, self.base))
+
+
+class SNGANDiscriminator(nn.Module):
+    """SNGAN's "standard CNN" discriminator: per stage a 3x3 stride-1 conv then a 4x4 stride-2
+    conv, channels doubling per stage, a last 3x3 conv and a linear head; LeakyReLU(0.1). Twice
+    the layers of DCGAN's D at the same width, which spectral norm needs: it caps each layer's
+    gain, so depth, not scale, is what lets D draw a sharp boundary."""
+
+    def __init__(self, width: int, channels: int, image_size: int, batch_norm: bool = False):
+        super().__init__()
+        base, stages = dcgan_plan(image_size)
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i in range(stages):
+            c = width * 2**i
+            layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.LeakyReLU(0.1, True),
+                       nn.Conv2d(c, c, 4, 2, 1, bias=not batch_norm), *norm_layer(c, batch_norm), nn.LeakyReLU(0.1, True)]
+            c_in = c
+        top = width * 2**stages
+        layers += [nn.Conv2d(c_in, top, 3, 1, 1), nn.LeakyReLU(0.1, True), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(top * base * base, 1)
+        self.apply(dcgan_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x)).flatten()
+
+
+@register(GENERATORS, "sngan")
+def _sngan_g(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return SNGANGenerator(model.z_dim, model.g_width, data.channels, data.image_size, model.norm == "batch")
+
+
+@register(DISCRIMINATORS, "sngan")
+def _sngan_d(model: ModelConfig, data: DataConfig) -> nn.Module:
+    return SNGANDiscriminator(model.d_width, data.channels, data.image_size, d_batch_norm(model))
 
 
 # -- CycleGAN (Zhu et al. 2017) and its public PyTorch reference (junyanz/pytorch-CycleGAN-and-pix2pix) --

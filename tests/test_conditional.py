@@ -121,6 +121,43 @@ def test_text_projection_discriminator_scores_the_caption_through_the_image_feat
     assert torch.allclose(D(x, t1), D(x, t2))
 
 
+def test_spectral_norm_spares_the_caption_layer_and_text_norm_standardises_captions():
+    """Spectral norm makes a layer blind to the scale of its weights, so normalising a caption-only
+    layer would flatten the few-percent differences between templated captions; it only bounds D's
+    slope in the image, so the image layers get it and the caption layer does not. `text_norm`
+    then gives each embedding dimension unit spread, in G and in D, from running statistics."""
+    from models.recipes import get_recipe
+
+    cfg = load_config("t2i_mnist", ["model.spectral_norm=d", "model.d_norm=none", "model.text_norm=batch",
+                                    "model.g_width=8", "model.d_width=8", "data.text_encoder=hashed"])
+    nets = get_recipe("t2i")(cfg.recipe, cfg).build()
+    G, D = nets["G"], nets["D"]
+    torch.manual_seed(0)
+    common = F.normalize(torch.randn(1, 512), dim=1)
+    captions = F.normalize(common + 0.03 * torch.randn(256, 512), dim=1)  # cosine ~0.8, per-dim spread ~0.03: MiniLM on the captions
+    for _ in range(3):  # running statistics, as training gathers them
+        D(torch.randn(256, 1, 28, 28), captions), G(torch.randn(256, cfg.model.z_dim), captions)
+    D.eval(), G.eval()
+    x, t1, t2 = torch.randn(4, 1, 28, 28), captions[:4], captions[4:8]
+
+    def with_scaled(weight, scale):
+        with torch.no_grad():
+            weight.mul_(scale)
+            out = D(x, t1) - D(x, t2)
+            weight.div_(scale)
+        return out
+
+    before = D(x, t1) - D(x, t2)
+    trunk_conv = D.trunk[0].parametrizations.weight.original
+    assert torch.allclose(with_scaled(trunk_conv, 10.0), before, rtol=1e-3, atol=1e-5)  # normalised
+    assert not hasattr(D.text, "parametrizations")
+    assert not torch.allclose(with_scaled(D.text.weight, 10.0), before, rtol=0.1)  # its scale is D's to learn
+    for standardise in (D.text_norm, G.text.norm):
+        out = standardise(captions)
+        assert out.mean(dim=0).abs().max() < 0.1 and (out.std(dim=0) - 1).abs().max() < 0.1
+    assert captions.std(dim=0).max() < 0.05  # the raw spread, some twenty times smaller
+
+
 class OneBatch:
     """The Step interface over one fixed batch and fixed noise, to check a recipe's arithmetic."""
 

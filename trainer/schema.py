@@ -44,6 +44,7 @@ class ModelConfig:
     num_classes: int = 10  # label-conditional networks (dcgan_label, projection, concat)
     cond_dim: int = 128  # width of the label embedding / compressed text embedding
     cond_aug: bool = False  # text: conditioning augmentation (StackGAN), c ~ N(mu(t), sigma(t)) + KL loss
+    text_norm: Literal["none", "batch"] = "none"  # text: standardise each sentence-embedding dimension (BatchNorm, no affine) before G's and D's text layers
     spectral_norm: Literal["none", "d", "both"] = "none"  # spectral normalisation (Miyato et al.) of D's, or G's and D's, weights
     d_norm: Literal["", "batch", "none"] = ""  # D's normalisation layers; "" = as `norm` (SNGAN: D without BatchNorm)
 
