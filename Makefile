@@ -33,7 +33,7 @@ $(SILHOUETTES): | $(STAMP)
 
 shards: $(MNIST)
 
-# Trains the default (configs/sngan_mnist.yaml: DCGAN, spectral-norm D, hinge, G EMA, 3,000 steps)
+# Trains the default (configs/sngan_mnist.yaml: SNGAN networks, spectral-norm D, hinge, G EMA, 2,000 steps)
 # on the bundled real MNIST digits; runs/sngan_mnist/samples/*.png. CONFIG=lsgan_mnist: the plain LSGAN.
 # Running it again continues the same run (resume=auto) instead of starting over.
 # `make train CONFIG=cyclegan_silhouettes` writes the horse/zebra silhouette shards first.
