@@ -197,6 +197,40 @@ def test_gan_cls_discriminator_loss_has_the_mismatched_caption_term():
     assert recipe.equilibrium()["loss_d"] == pytest.approx(math.log(2))
 
 
+class NoiseQueue(OneBatch):
+    """OneBatch whose noise calls return successive fixed draws, as fresh noise would."""
+
+    def noise(self, n, dim):
+        z, self._noise = self._noise[:n], self._noise[n:]
+        return z
+
+
+def test_mode_seeking_term_is_msgans_ratio_for_one_caption_drawn_twice():
+    """G's loss gains weight / (mean |G(z1, t) - G(z2, t)| / mean |z1 - z2|): with the same caption
+    and two noises; and G collapsed onto the caption (z ignored) makes the term explode."""
+    from models.recipes import get_recipe
+
+    cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed",
+                                    "recipe.interpolate=false", "recipe.loss=hinge", "recipe.mode_seeking=2"])
+    recipe = get_recipe("t2i")(cfg.recipe, cfg)
+    nets = recipe.build()
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(6, 1, 28, 28) * 2 - 1, "text_emb": F.normalize(torch.randn(6, 512), dim=1)}
+    z1, z2 = torch.randn(6, cfg.model.z_dim), torch.randn(6, cfg.model.z_dim)
+    loss, stats = recipe.g_objective(NoiseQueue(nets, batch, torch.cat([z1, z2])), batch)
+    G, D, text = nets["G"], nets["D"], batch["text_emb"]
+    fake1, fake2 = G(z1, text)[0], G(z2, text)[0]
+    ratio = (fake1 - fake2).abs().mean() / (z1 - z2).abs().mean()
+    assert torch.allclose(stats["mode_seeking"], ratio, atol=1e-6)
+    assert torch.allclose(loss, -D(fake1, text).mean() + 2 / (ratio + 1e-5), atol=1e-5)
+    with torch.no_grad():  # a G that ignores z: only the caption reaches its output
+        G.net.net[0].weight[: cfg.model.z_dim] = 0
+    loss, stats = recipe.g_objective(NoiseQueue(nets, batch, torch.cat([z1, z2])), batch)
+    assert stats["mode_seeking"] < 1e-6 and loss > 1e4
+    with pytest.raises(ConfigError, match="mode_seeking"):
+        load_config("t2i_mnist", ["recipe.mode_seeking=-1"])
+
+
 def test_conditional_gan_trains_and_samples_one_class(mnist_shards, tmp_path):
     run = tmp_path / "run"
     gannet("train", "cgan_mnist", *tiny_overrides(mnist_shards, run, **{"train.steps": 20}))

@@ -13,6 +13,10 @@ Options, as in the paper and StackGAN:
   batch, which D (without a real image for it) judges; it fills the gaps between captions.
 - `model.cond_aug` (conditioning augmentation): c ~ N(mu(h), sigma(h)) and a KL penalty
   (`kl_weight`) against N(0, I).
+- `mode_seeking` (MSGAN, Mao et al. 2019): G also draws a second image for each caption from
+  other noise and pays weight / (mean |G(z1, h) - G(z2, h)| / mean |z1 - z2|). A caption's
+  embedding varies with its phrasing, so G can take all its variety from the text and ignore z:
+  every caption then gets one image (recall near 0). The term makes ignoring z expensive.
 The mismatched caption of a sample is its batch neighbour's (the batch rolled by one).
 """
 
@@ -48,6 +52,7 @@ class T2IParams(GANParams):
     # images with their own captions (DF-GAN: 2 and 6); 0 = off
     ma_gp_weight: float = 0.0
     ma_gp_power: float = 6.0
+    mode_seeking: float = 0.0  # MSGAN's weight on 1 / (image distance per noise distance) for one caption; 0 = off
 
     @property
     def double_backward(self) -> tuple[str, ...]:
@@ -57,6 +62,13 @@ class T2IParams(GANParams):
         super().validate()
         if not 0.0 <= self.int_beta <= 1.0:
             raise ConfigError(f"recipe.int_beta={self.int_beta} must be in [0, 1]")
+        if self.mode_seeking < 0:
+            raise ConfigError(f"recipe.mode_seeking={self.mode_seeking} must be >= 0 (0 = off)")
+
+
+def mode_seeking_ratio(fake1: torch.Tensor, fake2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """MSGAN's ratio for two draws of the same conditions: mean |image change| / mean |noise change|."""
+    return (fake1.float() - fake2.float()).abs().mean() / (z1.float() - z2.float()).abs().mean()
 
 
 @register
@@ -112,11 +124,17 @@ class TextToImageGAN(GAN):
         if self.params.interpolate:
             beta = self.params.int_beta
             texts.append(beta * text + (1 - beta) * text.roll(1, dims=0))
-        loss, kl = 0.0, 0.0
+        loss, kl, drawn = 0.0, 0.0, []
         for t in texts:
-            fake, kl_t = G(step.noise(t.shape[0], self.cfg.model.z_dim), t)
+            z = step.noise(t.shape[0], self.cfg.model.z_dim)
+            fake, kl_t = G(z, t)
             loss, kl = loss + self.g_loss(self.discriminate(D, fake, t).float()), kl + kl_t.float()
+            drawn.append((z, fake))
         stats = {"kl": kl.detach()} if self.cfg.model.cond_aug else {}
+        if self.params.mode_seeking > 0:
+            (z1, fake1), z2 = drawn[0], step.noise(text.shape[0], self.cfg.model.z_dim)
+            ratio = mode_seeking_ratio(fake1, G(z2, text)[0], z1, z2)
+            loss, stats = loss + self.params.mode_seeking / (ratio + 1e-5), {**stats, "mode_seeking": ratio.detach()}
         return loss + self.params.kl_weight * kl, stats
 
     def equilibrium(self) -> dict[str, float]:
