@@ -108,7 +108,7 @@ def test_text_projection_discriminator_scores_the_caption_through_the_image_feat
     from models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.discriminator=text_projection", "model.g_width=8", "model.d_width=8",
-                                    "model.norm=none", "data.text_encoder=hashed"])
+                                    "model.norm=none", "model.text_norm=none", "model.spectral_norm=none", "data.text_encoder=hashed"])
     D = get_recipe("t2i")(cfg.recipe, cfg).build()["D"]
     torch.manual_seed(0)
     x, t1, t2 = torch.randn(4, 1, 28, 28), F.normalize(torch.randn(4, 512), dim=1), F.normalize(torch.randn(4, 512), dim=1)
@@ -177,7 +177,8 @@ class OneBatch:
 def test_gan_cls_discriminator_loss_has_the_mismatched_caption_term():
     from models.recipes import get_recipe
 
-    cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed"])
+    cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed",
+                                    "recipe.loss=nonsaturating", "model.spectral_norm=none", "model.text_norm=none"])
     recipe = get_recipe("t2i")(cfg.recipe, cfg)
     nets = recipe.build()
     torch.manual_seed(0)
@@ -211,7 +212,8 @@ def test_mode_seeking_term_is_msgans_ratio_for_one_caption_drawn_twice():
     from models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed",
-                                    "recipe.interpolate=false", "recipe.loss=hinge", "recipe.mode_seeking=2"])
+                                    "recipe.interpolate=false", "recipe.loss=hinge", "recipe.mode_seeking=2",
+                                    "model.spectral_norm=none"])  # no power iteration between the two D forwards
     recipe = get_recipe("t2i")(cfg.recipe, cfg)
     nets = recipe.build()
     torch.manual_seed(0)
