@@ -156,6 +156,8 @@ def test_spectral_norm_spares_the_caption_layer_and_text_norm_standardises_capti
         out = standardise(captions)
         assert out.mean(dim=0).abs().max() < 0.1 and (out.std(dim=0) - 1).abs().max() < 0.1
     assert captions.std(dim=0).max() < 0.05  # the raw spread, some twenty times smaller
+    with pytest.raises(ConfigError, match="text_norm=batch .* must be >= 2"):  # a batch of one has no spread
+        load_config("t2i_mnist", ["data.batch_size=1"])
 
 
 class OneBatch:

@@ -254,6 +254,9 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if cfg.model.text_norm == "batch" and cfg.data.batch_size < 2:
+        raise ConfigError(f"model.text_norm=batch standardises captions over the batch: data.batch_size={cfg.data.batch_size} "
+                          "must be >= 2 per process (or set model.text_norm=none)")
     if cfg.eval.extractor == "inception" and not Path(cfg.eval.inception).is_file():  # checked before any process starts
         raise ConfigError(
             f"eval.inception={cfg.eval.inception!r}: extractor=inception needs the standard FID Inception file. Put "
