@@ -18,6 +18,7 @@ from models.networks import spectral_normalize
 from tests.conftest import gannet, kill_when, tiny_overrides, without_perf
 from tests.test_distributed import assert_same_weights, harness
 from trainer.config import load_config
+from trainer.errors import ConfigError
 from trainer.data import open_stream, stream_urls
 from trainer.setup import setup
 from trainer.statefile import load_state
@@ -80,6 +81,31 @@ def test_hinge_losses_match_the_formula(small_shards, tmp_path):
     assert recipe.d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 3.5 / 3))
     assert recipe.g_loss(fake).item() == pytest.approx(0.5 / 3)  # -mean([-2, 0, 1.5])
     assert recipe.equilibrium()["loss_d"] == 1.0
+
+
+def test_top_k_trains_g_on_the_fakes_d_rates_most_real_as_k_shrinks(small_shards, tmp_path):
+    """Top-k training: G's loss sees the k highest D outputs, k falling linearly from the batch to
+    topk x batch over topk_kimg thousand images (all ranks); topk=1 keeps every fake."""
+    from types import SimpleNamespace
+
+    from models.recipes import make_recipe
+
+    cfg = load_config("gan_mnist", tiny_overrides(small_shards, tmp_path, **{
+        "recipe.loss": "hinge", "recipe.topk": 0.5, "recipe.topk_kimg": 0.128}))  # 128 images = 2 steps of 32 x 2 ranks
+    recipe, step = make_recipe(cfg), SimpleNamespace(accumulation=1, world=2)
+    out = torch.tensor([0.25, -2.0, 1.0, 0.0, -0.5, 2.0, -1.0, 0.5])
+    kept = lambda: sorted(recipe.top_k(out, step).tolist(), reverse=True)  # noqa: E731
+    assert kept() == sorted(out.tolist(), reverse=True)  # step 0: the whole batch
+    recipe.g_steps = 1  # halfway: k = ceil(8 x (1 - 0.5 x 0.5)) = 6
+    assert kept() == [2.0, 1.0, 0.5, 0.25, 0.0, -0.5]
+    recipe.g_steps = 5  # past topk_kimg: k = 8 x 0.5
+    assert kept() == [2.0, 1.0, 0.5, 0.25]
+    assert recipe.g_loss(recipe.top_k(out, step)).item() == pytest.approx(-0.9375)  # hinge G: -mean of the four
+    off = make_recipe(load_config("gan_mnist", tiny_overrides(small_shards, tmp_path)))
+    off.g_steps = 5
+    assert torch.equal(off.top_k(out, step), out)
+    with pytest.raises(ConfigError, match="recipe.topk"):
+        load_config("gan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.topk": 0}))
 
 
 class TinyD(nn.Module):

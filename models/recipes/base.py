@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Mapping, Protocol
 import copy
+import math
 
 import torch
 from torch import nn
@@ -198,6 +199,10 @@ class AdversarialParams(RecipeParams):
     ada_target: float = 0.6
     ada_interval: int = 4
     ada_kimg: float = 50.0
+    # Top-k training (Sinha et al. 2020): G learns only from the fraction of its fakes D rates most
+    # real, falling linearly from 1 to `topk` over the first topk_kimg thousand images (1 = off).
+    topk: float = 1.0
+    topk_kimg: float = 64.0
 
     def validate(self) -> None:
         if self.d_steps < 1:
@@ -208,6 +213,8 @@ class AdversarialParams(RecipeParams):
         for key in ("r1_every", "ada_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"recipe.{key}={getattr(self, key)} must be >= 1")
+        if not 0 < self.topk <= 1 or self.topk_kimg < 0:
+            raise ConfigError(f"recipe.topk={self.topk} must be in (0, 1] and topk_kimg={self.topk_kimg} >= 0")
         if not 0 < self.ada_target < 1 or self.ada_kimg <= 0:
             raise ConfigError(f"recipe.ada_target={self.ada_target} must be in (0, 1) and ada_kimg={self.ada_kimg} > 0")
         try:
@@ -373,7 +380,19 @@ class AdversarialRecipe(Recipe):
         """G's loss through the (frozen) D, on fresh noise with the batch's conditions."""
         G, D, cond = step.nets["G"], step.nets["D"], self.conditions(batch)
         gen_out = self.discriminate(D, G(step.noise(batch["image"].shape[0], self.cfg.model.z_dim), *cond), *cond).float()
-        return self.g_loss(gen_out), {}
+        return self.g_loss(self.top_k(gen_out, step)), {}
+
+    def top_k(self, gen_out: torch.Tensor, step: Step) -> torch.Tensor:
+        """D's outputs on the fakes G learns from: all of them, or under top-k training the k that D
+        rates most real (Sinha et al. 2020: the gradients of the fakes D rates worst tend to point G
+        away from the data). k shrinks from the batch to `topk` x batch over the first topk_kimg."""
+        p = self.params
+        if p.topk >= 1:
+            return gen_out
+        images = self.g_steps * self.cfg.data.batch_size * step.accumulation * step.world  # all ranks, as the EMA counts
+        done = min(1.0, images / (p.topk_kimg * 1000)) if p.topk_kimg > 0 else 1.0
+        k = max(1, math.ceil(len(gen_out) * (1 - done * (1 - p.topk))))
+        return gen_out.flatten(1).mean(1).topk(k).values if gen_out.dim() > 1 else gen_out.topk(k).values
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
         """k D-steps, then one G-step through a frozen D (the contract's return convention)."""

@@ -128,7 +128,7 @@ class TextToImageGAN(GAN):
         for t in texts:
             z = step.noise(t.shape[0], self.cfg.model.z_dim)
             fake, kl_t = G(z, t)
-            loss, kl = loss + self.g_loss(self.discriminate(D, fake, t).float()), kl + kl_t.float()
+            loss, kl = loss + self.g_loss(self.top_k(self.discriminate(D, fake, t).float(), step)), kl + kl_t.float()
             drawn.append((z, fake))
         stats = {"kl": kl.detach()} if self.cfg.model.cond_aug else {}
         if self.params.mode_seeking > 0:
