@@ -89,3 +89,22 @@ def test_inception_extractor_needs_its_file_and_uses_it(mnist_shards, tmp_path):
     gannet("eval", str(run), "--n", "100")
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert report["extractor"]["kind"] == "inception" and "class_counts" not in report and report["fid"] > 0
+
+
+def test_divergence_warning_needs_a_rise_on_the_scale_of_ds_outputs(tmp_path):
+    """A hinge G loss wandering around 0 (values seen in a healthy cgan run) is not a divergence; a
+    non-saturating G loss climbing from log 2 to 4 is, and the warning says from where to where."""
+    from types import SimpleNamespace
+
+    from trainer.evaluate import equilibrium
+
+    def warnings(loss_g: list[float], separation: float) -> list[str]:
+        rows = [{"step": 50 * i, "train/loss_d": 0.9, "train/loss_g": v, "train/d_real": 0.1, "train/d_fake": -0.1}
+                for i, v in enumerate(loss_g)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        game = SimpleNamespace(equilibrium=lambda: {"loss_d": 1.0, "d_real": 0.0, "d_fake": 0.0, "separation": separation})
+        return equilibrium(tmp_path, game)["warnings"]
+
+    assert warnings([0.05, -0.2, 0.1, 0.3, 0.02, 0.4, -0.1, 0.08, 0.3, 0.5], separation=2.0) == []  # 10x the first
+    (warning,) = warnings([0.7, 0.69, 0.72, 0.8, 0.75, 2.5, 3.1, 3.6, 3.9, 4.0], separation=1.0)
+    assert warning == "generator divergence: G's loss rose from 0.732 to 3.42 over the recent window"
