@@ -29,7 +29,7 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
     "override, message",
     [
         ("train.stepz=5", "unknown key 'train.stepz' (allowed in train: steps,"),
-        ("recipe.lr=1", "unknown key 'recipe.lr' (allowed in recipe: d_steps, ema_kimg, ema_rampup, ema_start, r1_gamma, r1_every, gp_weight, augment, diffaugment, ada_target, ada_interval, ada_kimg, a, b, c)"),
+        ("recipe.lr=1", "unknown key 'recipe.lr' (allowed in recipe: d_steps, ema_kimg, ema_rampup, ema_start, r1_gamma, r1_every, gp_weight, augment, diffaugment, ada_target, ada_interval, ada_kimg, topk, topk_kimg, a, b, c)"),
         ("train.steps=ten", "train.steps='ten' must be an integer"),
         ("train.steps=0", "train.steps=0 must be > 0"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed (choose one of: auto, no, fp16, bf16)"),
