@@ -114,7 +114,8 @@ def equilibrium(run_dir: Path, recipe: Recipe, window: int = 10) -> dict[str, An
     # Halves of the window, not two single records, and a rise on the scale of D's outputs: a hinge
     # G loss (-D(G(z))) wanders around 0, where "it tripled" is noise.
     if len(rows) >= 4:
-        older, newer = (float(np.mean([r["train/loss_g"] for r in half])) for half in (rows[: len(rows) // 2], rows[len(rows) // 2:]))
+        loss_g = [r["train/loss_g"] for r in rows]
+        older, newer = float(np.mean(loss_g[: len(rows) // 2])), float(np.mean(loss_g[len(rows) // 2:]))
         if newer - older > target["separation"] and newer > 3 * max(older, 1e-8):
             warnings.append(f"generator divergence: G's loss rose from {older:.3g} to {newer:.3g} over the recent window")
     return {"recent": recent, "equilibrium": target, "warnings": warnings}

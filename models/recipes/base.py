@@ -392,7 +392,7 @@ class AdversarialRecipe(Recipe):
         images = self.g_steps * self.cfg.data.batch_size * step.accumulation * step.world  # all ranks, as the EMA counts
         done = min(1.0, images / (p.topk_kimg * 1000)) if p.topk_kimg > 0 else 1.0
         k = max(1, math.ceil(len(gen_out) * (1 - done * (1 - p.topk))))
-        return gen_out.flatten(1).mean(1).topk(k).values if gen_out.dim() > 1 else gen_out.topk(k).values
+        return gen_out[gen_out.reshape(len(gen_out), -1).mean(1).topk(k).indices]  # whole samples (a PatchGAN's too)
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
         """k D-steps, then one G-step through a frozen D (the contract's return convention)."""
