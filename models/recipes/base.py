@@ -317,11 +317,14 @@ class AdversarialRecipe(Recipe):
             stats["gp"] = gp.detach()
         return total, stats
 
+    def images_per_g_step(self, step: Step) -> int:
+        """Fakes one G step learns from, on all ranks: what the EMA, ADA and top-k schedules count."""
+        return self.cfg.data.batch_size * step.accumulation * step.world
+
     def after_g_step(self, step: Step) -> None:
         """Called at the end of an iteration whose G optimizer step was taken (a skipped, non-finite step
         leaves the EMA and ADA's tally as they were): the EMA of G, and ADA's p."""
-        p = self.params
-        batch = self.cfg.data.batch_size * step.accumulation * step.world  # images of this G step, all ranks
+        p, batch = self.params, self.images_per_g_step(step)
         if "G_ema" in step.nets:
             beta = ema.ema_beta(batch, self.ema_images, p.ema_kimg * 1000, p.ema_rampup) if self.g_steps >= p.ema_start else 0.0
             with step.gathered("G") as G:
@@ -389,7 +392,7 @@ class AdversarialRecipe(Recipe):
         p = self.params
         if p.topk >= 1:
             return gen_out
-        images = self.g_steps * self.cfg.data.batch_size * step.accumulation * step.world  # all ranks, as the EMA counts
+        images = self.g_steps * self.images_per_g_step(step)
         done = min(1.0, images / (p.topk_kimg * 1000)) if p.topk_kimg > 0 else 1.0
         k = max(1, math.ceil(len(gen_out) * (1 - done * (1 - p.topk))))
         return gen_out[gen_out.reshape(len(gen_out), -1).mean(1).topk(k).indices]  # whole samples (a PatchGAN's too)
