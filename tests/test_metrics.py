@@ -57,7 +57,10 @@ def test_fid_is_finite_for_rank_deficient_covariances() -> None:
 def _kid_naive(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 written as the textbook double sums over i != j."""
     d, m = x.shape[1], len(x)
-    k = lambda u, v: (float(u @ v) / d + 1.0) ** 3
+
+    def k(u, v):
+        return (float(u @ v) / d + 1.0) ** 3
+
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
