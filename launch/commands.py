@@ -36,7 +36,7 @@ def slurm_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespa
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from launch.slurm import SlurmSettings, submit  # submitit is imported only for this command
+    from gannet.launch.slurm import SlurmSettings, submit  # submitit is imported only for this command
 
     settings = SlurmSettings(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, partition=args.partition,

@@ -1,12 +1,12 @@
 """Slurm: submitit jobs (`gannet slurm`) and plain sbatch scripts, from one set of settings.
 
 A submitit job runs one task per GPU (or `tasks_per_node` CPU tasks); each task exports the torch
-distributed environment and calls the same entry point as `python -m trainer train`, with
+distributed environment and calls the same entry point as `python -m gannet train`, with
 `resume=auto` into a run directory fixed at submission. So a requeued job continues its run and
 its W&B run (the id is kept in the run directory).
 
 Time limits and preemption: Slurm signals USR2 `signal_delay_s` before the end. Every task turns
-it into a stop request (trainer.preemption); at the next log step all ranks agree, save a
+it into a stop request (gannet.trainer.engine.preemption); at the next log step all ranks agree, save a
 checkpoint of that step and leave the loop; then rank 0 hands over to submitit, which calls
 `TrainJob.checkpoint` (resubmit the same job) and requeues it. Without the signal (a node lost, a
 SIGKILL), the requeued job resumes from the latest periodic save. Files land in RUN/slurm/.
@@ -18,6 +18,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 import submitit
 
-from trainer.errors import ConfigError
+from gannet.trainer.errors import ConfigError
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm.sbatch"
 TIME = re.compile(r"^\d+$|^(?:(\d+)-)?(\d+):(\d\d):(\d\d)$")
@@ -90,7 +91,7 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """What each Slurm task runs: `python -m trainer train CONFIG OVERRIDES resume=auto`, distributed."""
+    """What each Slurm task runs: `python -m gannet train CONFIG OVERRIDES resume=auto`, distributed."""
 
     def __init__(self, config: str, overrides: list[str], run_dir: Path):
         self.config = config
@@ -98,11 +99,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.run_dir = run_dir
 
     def __call__(self) -> str:
-        from trainer import preemption
-        from trainer.checkpoint import latest_checkpoint
-        from trainer.cli import prepare_process
-        from trainer.config import load_config
-        from trainer.loop import train
+        from gannet.trainer.checkpoint.store import latest_checkpoint
+        from gannet.trainer.cli import prepare_process
+        from gannet.trainer.config.loader import load_config
+        from gannet.trainer.engine import preemption
+        from gannet.trainer.loop import train
 
         prepare_process()
         job = submitit.JobEnvironment()
@@ -137,7 +138,7 @@ def submit(config: str, overrides: list[str], settings: SlurmSettings, *, sweeps
 
     Returns the report for the terminal. Sweep points train into RUN/<key-value>/; submitit's
     files and the Slurm logs go to RUN/slurm/."""
-    from trainer.config import load_config, resolve_config_path
+    from gannet.trainer.config.loader import load_config, resolve_config_path
 
     config_path = str(resolve_config_path(config).resolve())
     base = load_config(config_path, overrides)
@@ -149,9 +150,12 @@ def submit(config: str, overrides: list[str], settings: SlurmSettings, *, sweeps
         (root / "slurm").mkdir(parents=True, exist_ok=True)  # sbatch does not create its --output folder
         sbatch.write_text(sbatch_script(jobs[0], settings, base.name, root / "slurm"))
         return f"wrote {sbatch}: submit it with `sbatch {sbatch}`"
-    executor = submitit.SlurmExecutor(folder=root / "slurm", max_num_timeout=settings.max_requeues)
+    if not dry_run and shutil.which("srun") is None:
+        raise ConfigError("Slurm's srun is not on PATH: run gannet slurm on a Slurm login node "
+                          "(or see the job first with --dry-run, or write a plain script with --sbatch FILE)")
+    executor = (DescribingExecutor if dry_run else submitit.SlurmExecutor)(folder=root / "slurm", max_num_timeout=settings.max_requeues)
     executor.update_parameters(**settings.submitit_parameters(base.name))
-    lines = [f"  {job.run_dir}: python -m trainer train {shlex.join([job.config, *job.overrides, 'resume=auto'])}" for job in jobs]
+    lines = [f"  {job.run_dir}: python -m gannet train {shlex.join([job.config, *job.overrides, 'resume=auto'])}" for job in jobs]
     if dry_run:
         # submitit's own sbatch text (a private helper: the public API only renders it by submitting)
         from submitit.slurm.slurm import _make_sbatch_string
@@ -165,10 +169,19 @@ def submit(config: str, overrides: list[str], settings: SlurmSettings, *, sweeps
                       *(f"  job {sub.job_id}{line[1:]}" for sub, line in zip(submitted, lines))])
 
 
+class DescribingExecutor(submitit.SlurmExecutor):
+    """A submitit executor that only renders what it would submit: `--dry-run` works on a laptop or a
+    CI machine without Slurm (submitit's own executor refuses to exist where `srun` is missing)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 def _job(config_path: str, overrides: list[str], point: list[str], root: Path, name: str) -> TrainJob:
     """One job of a submission: its own run directory (a sweep point's below the root), checked now."""
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.config import load_config
+    from gannet.trainer.checkpoint.store import latest_checkpoint
+    from gannet.trainer.config.loader import load_config
 
     slug = re.sub(r"[^\w.-]+", "-", ",".join(point))
     run_dir = root / slug if point else root

@@ -1,1 +1,1 @@
-"""Networks (models.networks) and GAN recipes (models.recipes): what is trained, never where."""
+"""Networks (gannet.models.networks) and GAN recipes (gannet.models.recipes): what is trained, never where."""

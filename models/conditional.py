@@ -22,10 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.networks import DCGANDiscriminator, DCGANGenerator, DISCRIMINATORS, GENERATORS, d_batch_norm, dcgan_init, register
-from models.text import embedding_dim
-from trainer.schema import DataConfig, ModelConfig
-from trainer.errors import ConfigError
+from gannet.models.networks import (
+    DISCRIMINATORS,
+    GENERATORS,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    d_batch_norm,
+    dcgan_init,
+    register,
+)
+from gannet.models.text import embedding_dim
+from gannet.trainer.config.schema import DataConfig, ModelConfig
+from gannet.trainer.errors import ConfigError
 
 
 def _dcgan_trunk(model: ModelConfig, channels: int, image_size: int) -> tuple[nn.Sequential, nn.Conv2d, int]:

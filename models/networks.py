@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.schema import DataConfig, ModelConfig
-from trainer.errors import ConfigError
+from gannet.trainer.config.schema import DataConfig, ModelConfig
+from gannet.trainer.errors import ConfigError
 
 Builder = Callable[[ModelConfig, DataConfig], nn.Module]
 GENERATORS: dict[str, Builder] = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import ConfigError
+from gannet.trainer.errors import ConfigError
 
 log = logging.getLogger("gannet.text")
 HASHED_DIM = 512

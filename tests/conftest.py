@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-import models.recipes
-from trainer.shards import (
+from gannet.models import recipes as recipe_registry
+from gannet.trainer.data.shards import (
     bundled_mnist,
     labelled_images,
     write_mnist_shards,
@@ -56,8 +56,8 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subpro
 
 
 def gannet(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m trainer ...`) in a fresh process from the repo root."""
-    result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=process_env(), capture_output=True,
+    """Run the real CLI (`python -m gannet ...`) in a fresh process from the repo root."""
+    result = subprocess.run([sys.executable, "-m", "gannet", *args], cwd=REPO, env=process_env(), capture_output=True,
                             text=True, timeout=timeout, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"gannet {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
@@ -80,11 +80,11 @@ def kill_when(cmd: list[str], ready: Callable[[], bool], *, env: dict | None = N
 def accelerate_train(overrides: list[str], processes: int = 2, config: str = "lsgan_mnist") -> subprocess.CompletedProcess:
     """`accelerate launch` of `gannet train` on CPU processes (gloo): ACCELERATE_USE_CPU + --multi_gpu,
     since `accelerate launch --cpu` with more than one process does not distribute."""
-    from trainer.engine import free_port
+    from gannet.trainer.engine.distributed import free_port
 
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "trainer", "train", config, *overrides]
+           "-m", "gannet", "train", config, *overrides]
     return run(cmd, env=process_env(ACCELERATE_USE_CPU="1"))
 
 
@@ -154,15 +154,15 @@ def worked_example() -> str:
 
 @pytest.fixture
 def plugin_recipe(tmp_path, monkeypatch) -> Iterator[str]:
-    """The worked example as a module in a folder on models.recipes' search path (the package's own
+    """The worked example as a module in a folder on gannet.models.recipes' search path (the package's own
     folder is not written to); removed from the registry afterwards."""
     folder = tmp_path / "more_recipes"
     folder.mkdir()
     (folder / "ema_r1.py").write_text(worked_example())
-    monkeypatch.setattr(models.recipes, "__path__", [*models.recipes.__path__, str(folder)])
+    monkeypatch.setattr(recipe_registry, "__path__", [*recipe_registry.__path__, str(folder)])
     yield "lsgan_ema_r1"
-    models.recipes.RECIPES.pop("lsgan_ema_r1", None)
-    sys.modules.pop("models.recipes.ema_r1", None)
+    recipe_registry.RECIPES.pop("lsgan_ema_r1", None)
+    sys.modules.pop("gannet.models.recipes.ema_r1", None)
 
 
 def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:

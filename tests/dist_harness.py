@@ -24,9 +24,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
-from trainer.setup import setup  # noqa: E402
-from trainer.shards import bundled_mnist  # noqa: E402
+from gannet.trainer.config.loader import load_config  # noqa: E402
+from gannet.trainer.data.shards import bundled_mnist  # noqa: E402
+from gannet.trainer.engine.setup import setup  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -99,7 +99,7 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
         json.dump({"nonfinite_steps": engine.nonfinite_steps, "checksum": checksum, "untouched": untouched,
                    "deepspeed": counters}, f)
     if engine.is_main and engine.fast.compile:  # what torch.compile captured, for the compile tests
-        from trainer.fast import compile_report
+        from gannet.trainer.engine.fast import compile_report
 
         Path(f"{out}.compile.txt").write_text(compile_report(len(engine.optimizers)))
     if engine.is_main:

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
+from gannet.trainer.cli import main as cli_main
 from tests.conftest import gannet
-from trainer.cli import main as cli_main
 
 
 def test_bench_reports_throughput_and_zero2_halves_optimizer_state(small_shards, tmp_path):

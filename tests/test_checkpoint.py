@@ -10,9 +10,16 @@ import subprocess
 import pytest
 import torch
 
-from trainer.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-                                verify_checkpoint, verify_run)
-from trainer.errors import GannetError
+from gannet.trainer.checkpoint.store import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+    verify_run,
+)
+from gannet.trainer.errors import GannetError
 
 
 def save(run_dir, step, numel=1000, keep=3):
@@ -156,7 +163,7 @@ def test_an_unreadable_unverified_checkpoint_is_one_clear_error(tmp_path):
 def test_hashing_streams_in_chunks(tmp_path, monkeypatch):
     import hashlib
 
-    import trainer.checkpoint as checkpoint
+    import gannet.trainer.checkpoint.store as checkpoint
 
     data = bytes(range(256)) * 40_000  # 10 MB
     (tmp_path / "big").write_bytes(data)

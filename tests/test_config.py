@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from gannet.trainer.config.loader import config_from_dict, config_to_dict, load_config
+from gannet.trainer.errors import ConfigError
 from tests.conftest import gannet
-from trainer.config import config_from_dict, config_to_dict, load_config
-from trainer.errors import ConfigError
 
 
 def test_default_config_loads_with_recipe_params():
@@ -44,7 +44,7 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as info:
         cfg = load_config("lsgan_mnist", [override])
-        from models.recipes import get_recipe  # network sizes are checked when the recipe builds
+        from gannet.models.recipes import get_recipe  # network sizes are checked when the recipe builds
 
         get_recipe(cfg.recipe.name)(cfg.recipe, cfg).build()
     assert message in str(info.value)

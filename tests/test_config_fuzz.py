@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gannet.trainer.config.loader import CONFIG_DIR, config_from_dict, load_config
+from gannet.trainer.errors import ConfigError
 from tests.conftest import gannet
-from trainer.config import CONFIG_DIR, config_from_dict, load_config
-from trainer.errors import ConfigError
 
 BASE = yaml.safe_load((CONFIG_DIR / "lsgan_mnist.yaml").read_text())
 SECTIONS = {"data": ["shards", "image_size", "channels", "batch_size", "num_workers", "max_errors", "load_size", "flip"],

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.recipes
+import gannet.models.recipes
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import open_stream, stream_urls
+from gannet.trainer.engine.setup import setup
 from tests.conftest import REPO, tiny_overrides
-from trainer.config import load_config
-from trainer.data import open_stream, stream_urls
-from trainer.setup import setup
 
 
 def test_a_dropped_in_recipe_module_is_discovered_and_trains_with_ema_and_penalty(plugin_recipe, small_shards, tmp_path):
-    assert plugin_recipe not in models.recipes.RECIPES
+    assert plugin_recipe not in gannet.models.recipes.RECIPES
     cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.name": plugin_recipe, "recipe.r1_gamma": 2}))
     assert cfg.recipe.r1_gamma == 2.0 and cfg.recipe.b == 1.0  # typed by the new recipe's Params, inherited fields too
     job = setup(cfg)
@@ -39,13 +39,13 @@ def test_a_dropped_in_recipe_module_is_discovered_and_trains_with_ema_and_penalt
 
 
 def test_registry_lists_each_bundled_recipe_and_rejects_a_non_recipe():
-    assert {"gan", "lsgan", "cgan", "t2i", "cyclegan"} <= set(models.recipes.discover())
-    with pytest.raises(TypeError, match="subclasses models.recipes.base.Recipe"):
-        models.recipes.register(type("NotARecipe", (), {}))
+    assert {"gan", "lsgan", "cgan", "t2i", "cyclegan"} <= set(gannet.models.recipes.discover())
+    with pytest.raises(TypeError, match="subclasses gannet.models.recipes.base.Recipe"):
+        gannet.models.recipes.register(type("NotARecipe", (), {}))
 
 
 def gannet_modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+    return {"gannet." + ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
             for top in ("trainer", "models", "launch") for p in sorted((REPO / top).rglob("*.py"))}
 
 
@@ -64,10 +64,10 @@ def test_imports_run_launch_to_trainer_to_models_without_cycles():
     modules = gannet_modules()
     graph = {name: imports(path, modules) for name, path in modules.items()}
     for name, deps in graph.items():
-        if name.startswith("models"):  # networks and recipes see only errors and config types of trainer
-            assert {d for d in deps if d.startswith("trainer")} <= {"trainer.errors", "trainer.schema"}, name
-        if name.startswith(("models", "trainer")):
-            assert not any(d.startswith("launch") for d in deps), name
+        if name.startswith("gannet.models"):  # networks and recipes see only errors and config types of trainer
+            assert {d for d in deps if d.startswith("gannet.trainer")} <= {"gannet.trainer.errors", "gannet.trainer.config.schema"}, name
+        if name.startswith(("gannet.models", "gannet.trainer")):
+            assert not any(d.startswith("gannet.launch") for d in deps), name
     state: dict[str, str] = {}
 
     def visit(name: str, path: list[str]) -> None:

@@ -16,20 +16,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from models.networks import PatchDiscriminator, ResnetGenerator
-from models.recipes import get_recipe
-from models.recipes.cyclegan import ImagePool
+from gannet.models.networks import PatchDiscriminator, ResnetGenerator
+from gannet.models.recipes import get_recipe
+from gannet.models.recipes.cyclegan import ImagePool
+from gannet.trainer.bench.step import cyclegan_step_bench
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.cli import main as cli_main
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.config.schema import DataConfig
+from gannet.trainer.data.stream import augment, open_stream, stream_urls
+from gannet.trainer.engine.distributed import free_port
+from gannet.trainer.engine.setup import setup
+from gannet.trainer.errors import ConfigError
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import BIN, run, without_perf
-from trainer.stepbench import cyclegan_step_bench
-from trainer.cli import main as cli_main
-from trainer.config import load_config
-from trainer.schema import DataConfig
-from trainer.data import augment, open_stream, stream_urls
-from trainer.engine import free_port
-from trainer.setup import setup
-from trainer.errors import ConfigError
-from trainer.statefile import load_state
-from trainer.tracking import read_metrics as metrics
 
 count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
 
@@ -46,7 +46,7 @@ def one_thread():
 
 def cli(*args: str) -> str:
     """The real CLI in a fresh process, one thread per process as in the multi-process tests; stdout."""
-    return run([sys.executable, "-m", "trainer", *args]).stdout
+    return run([sys.executable, "-m", "gannet", *args]).stdout
 
 
 def test_parameter_counts_match_the_reference_implementation():
@@ -200,7 +200,7 @@ def test_unpaired_data_is_required_and_bad_folders_are_clear_errors(silhouettes,
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_processes_train_to_the_end(silhouettes, tmp_path, strategy):
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer", "train",
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "gannet", "train",
            "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir, **{"train.strategy": strategy, "train.steps": 4}),
            "train.cpu=true"]
     run(cmd)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import webdataset as wds
 
+from gannet.trainer.config.schema import DataConfig
+from gannet.trainer.data.shards import bundled_mnist, read_idx, write_mnist_shards
+from gannet.trainer.data.stream import DataStream, ShardStream, StreamPosition, expand_urls
+from gannet.trainer.errors import ConfigError, DataError
 from tests.conftest import corrupt_copy, write_idx
-from trainer.schema import DataConfig
-from trainer.data import DataStream, ShardStream, StreamPosition, expand_urls
-from trainer.errors import ConfigError, DataError
-from trainer.shards import bundled_mnist, read_idx, write_mnist_shards
 
 
 def data_cfg(shards: Path, **kw) -> DataConfig:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gannet.trainer.engine.distributed import free_port
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import BIN, REPO, accelerate_train, process_env, run, tiny_overrides, without_perf
-from trainer.engine import free_port
-from trainer.tracking import read_metrics as metrics
+
 
 def test_two_processes_train_to_the_end(small_shards, tmp_path):
     run_dir = tmp_path / "run"
@@ -34,7 +35,7 @@ def test_two_emulated_nodes_on_loopback(small_shards, tmp_path):
         subprocess.Popen(
             [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
              "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "lsgan_mnist", *overrides],
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gannet", "train", "lsgan_mnist", *overrides],
             cwd=REPO, env=process_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]
@@ -116,7 +117,7 @@ def test_ddp_checkpoint_resumes_on_a_different_number_of_processes(small_shards,
     run_dir = tmp_path / "run"
     accelerate_train(tiny_overrides(small_shards, run_dir, **{"train.steps": 10}))
     saved = load_file(str(run_dir / "checkpoints" / "step-00000010" / "G.safetensors"))
-    result = run([sys.executable, "-m", "trainer", "train", "lsgan_mnist",
+    result = run([sys.executable, "-m", "gannet", "train", "lsgan_mnist",
                   *tiny_overrides(small_shards, run_dir, **{"train.steps": 11, "train.checkpoint_every": 1}), "resume=auto"])
     assert "resuming on 1 processes from a 2-process checkpoint" in result.stderr
     assert metrics(run_dir)[-1]["step"] == 11
@@ -129,7 +130,7 @@ def test_ddp_checkpoint_resumes_on_a_different_number_of_processes(small_shards,
 def test_deepspeed_bf16_preset_trains_on_a_single_process(small_shards, tmp_path):
     """No launcher, bf16 weights (BatchNorm buffers cast with them), fp32 weights in the checkpoint."""
     run_dir = tmp_path / "run"
-    run([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *tiny_overrides(small_shards, run_dir, **{"train.steps": 10}),
+    run([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *tiny_overrides(small_shards, run_dir, **{"train.steps": 10}),
          "launch/deepspeed/zero2.yaml"])
     rows = metrics(run_dir)
     assert rows[-1]["step"] == 10 and all(abs(r["train/loss_d"]) < 10 for r in rows)

@@ -8,12 +8,12 @@ import json
 import torch
 from PIL import Image
 
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import expand_urls, first_images
+from gannet.trainer.evaluation.evaluate import classifier_for, memorization
+from gannet.trainer.evaluation.metrics import frechet_distance
+from gannet.trainer.tracking.tracker import read_metrics
 from tests.conftest import gannet, tiny_overrides
-from trainer.config import load_config
-from trainer.data import expand_urls, first_images
-from trainer.evaluate import classifier_for, memorization
-from trainer.metrics import frechet_distance
-from trainer.tracking import read_metrics
 
 
 def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_path):
@@ -96,7 +96,7 @@ def test_divergence_warning_needs_a_rise_on_the_scale_of_ds_outputs(tmp_path):
     non-saturating G loss climbing from log 2 to 4 is, and the warning says from where to where."""
     from types import SimpleNamespace
 
-    from trainer.evaluate import equilibrium
+    from gannet.trainer.evaluation.evaluate import equilibrium
 
     def warnings(loss_g: list[float], separation: float) -> list[str]:
         rows = [{"step": 50 * i, "train/loss_d": 0.9, "train/loss_g": v, "train/d_real": 0.1, "train/d_fake": -0.1}

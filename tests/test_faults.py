@@ -19,6 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gannet.trainer.checkpoint.safe_load import check_torch_file, weights_only_loads
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.checkpoint.store import (
+    CheckpointError,
+    verify_checkpoint,
+    verify_run,
+    write_manifest,
+)
+from gannet.trainer.config.schema import DataConfig
+from gannet.trainer.data.stream import DataStream, decode_image_sample, expand_urls, shard_samples
+from gannet.trainer.engine.distributed import free_port
+from gannet.trainer.errors import DataError
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import (
     REPO,
     gannet,
@@ -27,19 +40,6 @@ from tests.conftest import (
     tiny_overrides,
     without_perf,
 )
-from trainer.checkpoint import (
-    CheckpointError,
-    verify_checkpoint,
-    verify_run,
-    write_manifest,
-)
-from trainer.data import DataStream, decode_image_sample, expand_urls, shard_samples
-from trainer.engine import free_port
-from trainer.errors import DataError
-from trainer.safe_load import check_torch_file, weights_only_loads
-from trainer.schema import DataConfig
-from trainer.statefile import load_state
-from trainer.tracking import read_metrics as metrics
 
 TINY = {"data.batch_size": 16, "model.g_width": 8, "model.d_width": 8, "train.num_samples": 4}
 
@@ -193,7 +193,7 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_both_at_once_with_the_previou
     overrides = tiny_overrides(small_shards, run, **{**TINY, "train.steps": 8, "train.checkpoint_every": 4, "train.log_every": 4,
                                                      "train.sample_every": 8, "train.cpu": "true", "train.dist_timeout_s": 300})
     started = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *overrides], cwd=REPO,
                               env=process_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                               MASTER_PORT=port, GANNET_TEST_FULL_DISK="1:8"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -307,10 +307,10 @@ ENV = process_env()
 def launch(processes: int) -> tuple[list[str], dict[str, str]]:
     """The command prefix and environment for `processes` CPU processes (accelerate launch, gloo)."""
     if processes == 1:
-        return [sys.executable, "-m", "trainer"], ENV
+        return [sys.executable, "-m", "gannet"], ENV
     return ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-             str(free_port()), "-m", "trainer"], {**ENV, "ACCELERATE_USE_CPU": "1"})
+             str(free_port()), "-m", "gannet"], {**ENV, "ACCELERATE_USE_CPU": "1"})
 
 
 def train_until_killed(overrides: list[str], run: Path, event: str, step: int, processes: int = 1) -> None:
@@ -389,7 +389,7 @@ def test_training_with_wandb_unreachable_completes_and_logs_offline(small_shards
     run = tmp_path / "run"
     env = {**ENV, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *tiny_overrides(small_shards, run, **{
+    result = subprocess.run([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *tiny_overrides(small_shards, run, **{
         **TINY, "train.steps": 6, "train.log_every": 3, "train.sample_every": 6, "train.checkpoint_every": 6,
         "log.wandb": "online"})], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]

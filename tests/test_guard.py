@@ -18,16 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer.loop
+import gannet.trainer.loop
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import open_stream, stream_urls
+from gannet.trainer.engine import preemption
+from gannet.trainer.engine.distributed import free_port
+from gannet.trainer.engine.setup import setup
+from gannet.trainer.errors import GannetError
+from gannet.trainer.evaluation.evaluate import Evaluator
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import BIN, REPO, process_env, run, tiny_overrides
-from trainer import preemption
-from trainer.config import load_config
-from trainer.data import open_stream, stream_urls
-from trainer.engine import free_port
-from trainer.errors import GannetError
-from trainer.evaluate import Evaluator
-from trainer.setup import setup
-from trainer.tracking import read_metrics as metrics
 
 
 class Poisoned:
@@ -110,8 +110,8 @@ def train_through_a_poisoned_window(cfg, monkeypatch, bad: range) -> Path:
     """`gannet train` in this process, with the stream's batches `bad` (counted over the whole run,
     across reopenings after a rollback) NaN: a divergence the guard must survive or report."""
     count = {"n": 0}
-    monkeypatch.setattr(trainer.loop, "open_stream", lambda *args, **kwargs: Poisoned(open_stream(*args, **kwargs), bad, count))
-    return trainer.loop.train(cfg)
+    monkeypatch.setattr(gannet.trainer.loop, "open_stream", lambda *args, **kwargs: Poisoned(open_stream(*args, **kwargs), bad, count))
+    return gannet.trainer.loop.train(cfg)
 
 
 def test_a_divergence_rolls_back_to_the_last_checkpoint_with_lower_learning_rates(small_shards, tmp_path, monkeypatch, caplog):
@@ -143,7 +143,7 @@ def test_a_dead_rank_makes_the_other_exit_with_a_clear_error_and_the_run_resumes
     run_dir, port = tmp_path / "run", str(free_port())
     overrides = tiny_overrides(small_shards, run_dir, **{"train.steps": 400, "train.checkpoint_every": 10,
                                                           "train.cpu": "true", "train.dist_timeout_s": 30})
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *overrides], cwd=REPO,
                               env=process_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                               MASTER_PORT=port),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -159,7 +159,7 @@ def test_a_dead_rank_makes_the_other_exit_with_a_clear_error_and_the_run_resumes
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("gannet: error: rank 0 lost contact with the other processes") and "resume=auto" in last
     procs[1].wait()
-    run([sys.executable, "-m", "trainer", "train", "lsgan_mnist",
+    run([sys.executable, "-m", "gannet", "train", "lsgan_mnist",
          *tiny_overrides(small_shards, run_dir, **{"train.steps": 20}), "resume=auto"])
     assert metrics(run_dir)[-1]["step"] == 20
 
@@ -174,7 +174,7 @@ def test_usr2_during_evaluation_or_sampling_saves_stops_and_resumes(phase, mnist
     extra = {"train.steps": 20, "train.sample_every": 10, "train.checkpoint_every": 20, "data.num_workers": 0,
              "eval.every": 10 if phase == "evaluation" else 0, "eval.samples": 50}
     cfg = load_config("lsgan_mnist", tiny_overrides(mnist_shards, tmp_path / "run", **extra))
-    owner, name = (Evaluator, "score") if phase == "evaluation" else (trainer.loop, "save_grid")
+    owner, name = (Evaluator, "score") if phase == "evaluation" else (gannet.trainer.loop, "save_grid")
     original, fired = getattr(owner, name), []
 
     def signalled(*args, **kwargs):
@@ -185,11 +185,11 @@ def test_usr2_during_evaluation_or_sampling_saves_stops_and_resumes(phase, mnist
     monkeypatch.setattr(owner, name, signalled)
     previous = preemption.watch(signal.SIGUSR2)
     try:
-        run_dir = trainer.loop.train(cfg)
+        run_dir = gannet.trainer.loop.train(cfg)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert fired and [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000010"]
     assert metrics(run_dir)[-1]["step"] == 10  # stopped at the step the signal arrived in, with its work done
     monkeypatch.setattr(preemption, "_requested", False)
-    trainer.loop.train(load_config("lsgan_mnist", [*tiny_overrides(mnist_shards, run_dir, **extra), "resume=auto"]))
+    gannet.trainer.loop.train(load_config("lsgan_mnist", [*tiny_overrides(mnist_shards, run_dir, **extra), "resume=auto"]))
     assert metrics(run_dir)[-1]["step"] == 20 and (run_dir / "checkpoints" / "step-00000020").is_dir()

@@ -2,7 +2,9 @@
 
 The wheel is built from a copy of the sources, installed with pip into a fresh virtual
 environment, and used from an unrelated directory: shards, a short training run, a DeepSpeed
-preset named by its source-tree path, and an sbatch script from the bundled template. The fresh
+preset named by its source-tree path, and an sbatch script from the bundled template. Beside it
+the venv holds a user's own packages named `models` and `trainer` (as any research environment
+may): gannet installs under the one name `gannet`, so it neither imports them nor hides them. The fresh
 venv borrows the test environment's third-party packages through a .pth file (a full install of
 torch & co. takes minutes and a network), but nothing of the source tree: the checks assert that
 gannet itself is imported from the venv.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from tests.conftest import REPO, process_env
 
-SOURCES = ("trainer", "models", "launch", "configs", "pyproject.toml", "README.md")
+SOURCES = ("gannet", "trainer", "models", "launch", "configs", "pyproject.toml", "README.md", "LICENSE")
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -47,6 +49,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_another_directory(tmp_pa
                        tmp_path, env).stdout.strip())
     borrowed = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (purelib / "borrowed_dependencies.pth").write_text("".join(f"{p}\n" for p in sorted(borrowed)))
+    for other in ("models", "trainer"):  # a user's own packages of those names, which gannet must never import
+        (purelib / other).mkdir()
+        (purelib / other / "__init__.py").write_text(f"raise ImportError('the user\\'s own {other} package')\n")
 
     elsewhere.mkdir()
     gannet = str(venv / "bin" / "gannet")
@@ -58,11 +63,18 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_another_directory(tmp_pa
     assert (elsewhere / "r" / "samples" / "step-00000005.png").is_file()
 
     probe = run([str(python), "-c", (
-        "import trainer, configs, launch\n"
-        "from trainer.config import load_config\n"
+        "import gannet.trainer, gannet.configs, gannet.launch\n"
+        "from gannet.trainer.config.loader import load_config\n"
         "cfg = load_config('lsgan_mnist', ['launch/deepspeed/zero2.yaml'])\n"
-        "print(trainer.__file__, configs.__file__, launch.__file__, cfg.train.strategy, sep='\\n')")], elsewhere, env)
-    *files, strategy = probe.stdout.split()
+        "for other in ('models', 'trainer'):\n"
+        "    try:\n"
+        "        __import__(other)\n"
+        "    except ImportError as e:\n"
+        "        print(str(e).replace(' ', '_'))\n"
+        "print(gannet.trainer.__file__, gannet.configs.__file__, gannet.launch.__file__, cfg.train.strategy, sep='\\n')")],
+        elsewhere, env)
+    theirs_models, theirs_trainer, *files, strategy = probe.stdout.split()
+    assert (theirs_models, theirs_trainer) == ("the_user's_own_models_package", "the_user's_own_trainer_package")
     assert strategy == "deepspeed"  # the preset, found inside the installed package
     for file in files:
         assert Path(file).resolve().is_relative_to(venv.resolve()) and not Path(file).resolve().is_relative_to(REPO), file
@@ -74,7 +86,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_another_directory(tmp_pa
 
 
 def test_bundled_configs_and_presets_resolve_from_any_directory(tmp_path, monkeypatch):
-    from trainer.config import load_config, resolve_config_path
+    from gannet.trainer.config.loader import load_config, resolve_config_path
 
     monkeypatch.chdir(tmp_path)  # neither configs/ nor launch/ is here
     cfg = load_config("configs/lsgan_mnist.yaml", ["launch/deepspeed/zero3.yaml"])

@@ -1,4 +1,4 @@
-"""trainer.metrics against independent reference implementations and known-answer cases."""
+"""gannet.trainer.evaluation.metrics against independent reference implementations and known-answer cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from trainer.metrics import (
+from gannet.trainer.evaluation.metrics import (
     frechet_distance,
     kernel_inception_distance,
     nearest_neighbours,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.networks import DCGANDiscriminator, DCGANGenerator, SNGANDiscriminator, SNGANGenerator
+from gannet.models.networks import DCGANDiscriminator, DCGANGenerator, SNGANDiscriminator, SNGANGenerator
 
 
 @pytest.mark.parametrize("size", [28, 32, 64])

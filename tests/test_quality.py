@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from models import augment, ema, penalties
-from models.networks import spectral_normalize
+from gannet.models import augment, ema, penalties
+from gannet.models.networks import spectral_normalize
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import open_stream, stream_urls
+from gannet.trainer.engine.setup import setup
+from gannet.trainer.errors import ConfigError
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import gannet, kill_when, tiny_overrides, without_perf
 from tests.test_distributed import assert_same_weights, harness
-from trainer.config import load_config
-from trainer.errors import ConfigError
-from trainer.data import open_stream, stream_urls
-from trainer.setup import setup
-from trainer.statefile import load_state
-from trainer.tracking import read_metrics as metrics
 
 QUALITY = {"recipe.ema_kimg": 1, "recipe.r1_gamma": 1.0, "recipe.r1_every": 3, "recipe.augment": "diffaugment"}
 
@@ -73,7 +73,7 @@ def test_ema_update_in_training_follows_the_formula_and_copies_buffers(small_sha
 def test_hinge_losses_match_the_formula(small_shards, tmp_path):
     """D: (E relu(1 - D(x)) + E relu(1 + D(G(z)))) / 2; G: -E D(G(z)). Hand-computed values."""
     cfg = load_config("gan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.loss": "hinge"}))
-    from models.recipes import make_recipe
+    from gannet.models.recipes import make_recipe
 
     recipe = make_recipe(cfg)
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
@@ -88,7 +88,7 @@ def test_top_k_trains_g_on_the_fakes_d_rates_most_real_as_k_shrinks(small_shards
     topk x batch over topk_kimg thousand images (all ranks); topk=1 keeps every fake."""
     from types import SimpleNamespace
 
-    from models.recipes import make_recipe
+    from gannet.models.recipes import make_recipe
 
     cfg = load_config("gan_mnist", tiny_overrides(small_shards, tmp_path, **{
         "recipe.loss": "hinge", "recipe.topk": 0.5, "recipe.topk_kimg": 0.128}))  # 128 images = 2 steps of 32 x 2 ranks
@@ -256,7 +256,7 @@ def test_sigkill_then_resume_is_bit_identical_with_ema_sn_ada_and_lazy_r1(small_
     overrides = lambda run: tiny_overrides(small_shards, run, **extra)  # noqa: E731
     gannet("train", "lsgan_mnist", *overrides(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    kill_when([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)],
+    kill_when([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *overrides(killed)],
               (killed / "checkpoints" / "step-00000020").exists)
     assert not (killed / "checkpoints" / "step-00000030").exists()
     gannet("train", "lsgan_mnist", *overrides(killed), "resume=auto")
@@ -288,7 +288,7 @@ def test_ema_r1_and_diffaugment_agree_under_ddp_and_zero3_on_two_processes(tmp_p
 
 def test_a_penalty_on_a_zero3_discriminator_is_refused_before_the_run(small_shards, tmp_path):
     """ZeRO-3 frees D's weights before a gradient penalty's second backward: one clear line at load."""
-    from trainer.errors import ConfigError
+    from gannet.trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optim.d.zero_stage <= 2"):
         load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{
@@ -317,7 +317,7 @@ def test_translation_eval_tells_a_translator_from_the_identity(silhouettes, tmp_
     and cycle L1 0; a map onto real target-domain images gets ~100% and a low FID."""
     from pathlib import Path
 
-    from trainer.translation_eval import (
+    from gannet.trainer.evaluation.translation import (
         evaluate_translation,
         heldout_folder,
         read_folder,

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from models.recipes import make_recipe
+from gannet.models.recipes import make_recipe
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import DataStream, expand_urls
+from gannet.trainer.engine.setup import setup
 from tests.conftest import tiny_overrides
-from trainer.config import load_config
-from trainer.data import DataStream, expand_urls
-from trainer.setup import setup
 
 
 def recipe_for(overrides: list[str], config: str = "gan_mnist"):

@@ -14,14 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.config.schema import DataConfig
+from gannet.trainer.data import remote
+from gannet.trainer.data.shards import bundled_mnist, on_each_shard, write_mnist_shards
+from gannet.trainer.data.stream import (
+    DataStream,
+    StreamPosition,
+    cache_beside,
+    expand_urls,
+    heldout_beside,
+    shard_samples,
+    shards_exist,
+)
+from gannet.trainer.errors import ConfigError, DataError
 from tests.conftest import REPO, tiny_overrides, write_idx
 from tests.object_store import FlakyServer, S3Store, clean_aws_env
-from trainer import remote
-from trainer.schema import DataConfig
-from trainer.data import DataStream, StreamPosition, cache_beside, expand_urls, heldout_beside, shard_samples, shards_exist
-from trainer.errors import ConfigError, DataError
-from trainer.shards import bundled_mnist, on_each_shard, write_mnist_shards
-from trainer.statefile import load_state
 
 BIN = Path(sys.executable).parent
 BUCKET = "shards"
@@ -170,7 +178,7 @@ def test_bad_credentials_or_bucket_are_one_line_and_exit_2(store, aws, case, env
     with pytest.raises(ConfigError, match=message):
         expand_urls(shards)
     if case in ("wrong secret", "no credentials"):  # the CLI: one line on stderr, exit 2
-        result = subprocess.run([sys.executable, "-m", "trainer", "train", "lsgan_mnist", f"data.shards={shards}",
+        result = subprocess.run([sys.executable, "-m", "gannet", "train", "lsgan_mnist", f"data.shards={shards}",
                                  "log.wandb=disabled"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-3000:]
@@ -188,7 +196,7 @@ def test_gannet_shards_writes_straight_to_the_store_and_replaces_a_split_whole(s
     workdir.mkdir()
     try:
         for size in (200, 250):  # 3 train shards, then 2: the third must go
-            result = subprocess.run([sys.executable, "-m", "trainer", "shards", "mnist", "--out", "s3://written/mnist/",
+            result = subprocess.run([sys.executable, "-m", "gannet", "shards", "mnist", "--out", "s3://written/mnist/",
                                      "--images", str(tmp_path / "images-idx3-ubyte"), "--labels",
                                      str(tmp_path / "labels-idx1-ubyte"), "--holdout", "100", "--shard-size", str(size)],
                                     cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
@@ -226,7 +234,7 @@ def test_each_shard_is_handed_over_as_soon_as_it_is_closed(tmp_path):
 
 def test_bad_credentials_for_gannet_shards_out_exit_2_before_converting(store, tmp_path):
     env = {**store.env, "AWS_SECRET_ACCESS_KEY": "wrong", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "trainer", "shards", "mnist", "--out", f"s3://{BUCKET}/x/"],
+    result = subprocess.run([sys.executable, "-m", "gannet", "shards", "mnist", "--out", f"s3://{BUCKET}/x/"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("gannet: error: s3://"), result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
@@ -236,7 +244,7 @@ def test_bad_credentials_for_gannet_shards_out_exit_2_before_converting(store, t
 def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_path, source):
     """A 2-process run (accelerate, gloo) streams from the store while one request in five fails:
     it trains to the end, nothing is skipped, and the retries are in the saved data positions."""
-    from trainer.engine import free_port
+    from gannet.trainer.engine.distributed import free_port
 
     server = (FlakyServer(upstream=store.endpoint, every=3) if source == "s3"
               else FlakyServer(root=small_shards, every=3))
@@ -249,7 +257,7 @@ def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_
                                                          "data.retry_backoff": 0.05})
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "trainer", "train", "lsgan_mnist", *overrides]
+           "-m", "gannet", "train", "lsgan_mnist", *overrides]
     try:
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
@@ -264,7 +272,7 @@ def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_
 
 def test_bench_loader_times_local_disk_beside_the_s3_store(store, small_shards, tmp_path):
     out = tmp_path / "loader.json"
-    result = subprocess.run([sys.executable, "-m", "trainer", "bench", "lsgan_mnist", "--loader", f"s3://{BUCKET}/small/",
+    result = subprocess.run([sys.executable, "-m", "gannet", "bench", "lsgan_mnist", "--loader", f"s3://{BUCKET}/small/",
                              f"data.shards={small_shards}/train-*.tar", "data.batch_size=16", "--steps", "12",
                              "--out", str(out)], cwd=REPO, env=store.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

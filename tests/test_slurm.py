@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.tracking.tracker import read_metrics
+from gannet.trainer.tracking.wandb_files import find_run_files, read_history
 from tests import slurm_cluster
 from tests.conftest import gannet, tiny_overrides, without_perf
-from trainer.statefile import load_state
-from trainer.tracking import read_metrics
-from trainer.wandb_files import find_run_files, read_history
 
 JOB_TIMEOUT_S = 300
 
@@ -140,7 +140,7 @@ def test_dry_run_and_sbatch_script_need_no_cluster(small_shards, tmp_path):
                  "#SBATCH --account=proj", "#SBATCH --time=1440", "#SBATCH --mem=64G", "#SBATCH --cpus-per-task=6",
                  "#SBATCH --signal=USR2@120", "#SBATCH --array=0-2"):
         assert line in out, out
-    assert f"{run}/seed-3: python -m trainer train" in out and not run.exists()  # nothing submitted, nothing written
+    assert f"{run}/seed-3: python -m gannet train" in out and not run.exists()  # nothing submitted, nothing written
 
     script = tmp_path / "job.sh"
     gannet("slurm", *args, "--sbatch", str(script))

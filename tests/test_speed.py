@@ -1,4 +1,4 @@
-"""The fast step's switches (trainer.fast): `auto` resolves to what the log says and the engine
+"""The fast step's switches (gannet.trainer.engine.fast): `auto` resolves to what the log says and the engine
 applies it; bf16 and torch.compile leave what a run computes close to fp32 eager; the speed bench
 reports `speedup` and `loader_ratio` per model, and its DCGAN reference computes what gannet computes.
 Speed itself is never asserted (README, Performance)."""
@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import open_stream, stream_urls
+from gannet.trainer.engine import fast
+from gannet.trainer.engine.setup import setup
+from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import gannet, run, tiny_overrides
-from trainer import fast
-from trainer.config import load_config
-from trainer.data import open_stream, stream_urls
-from trainer.setup import setup
-from trainer.tracking import read_metrics as metrics
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def test_auto_resolves_to_what_the_log_says_and_the_engine_applies_it(small_shar
 
 
 def test_explicit_settings_win_and_instance_norm_stays_contiguous(silhouettes, tmp_path):
-    from models.networks import PatchDiscriminator, DCGANDiscriminator
+    from gannet.models.networks import DCGANDiscriminator, PatchDiscriminator
 
     cfg = load_config("lsgan_mnist", ["train.mixed_precision=no", "train.adam=foreach", "train.compile=off"])
     choices = fast.resolve(cfg, "cpu")
@@ -136,12 +136,12 @@ def test_dcgan_reference_step_computes_what_gannet_computes_in_fp32(small_shards
     fp32; in bf16 (where auto picks it) the first-step losses differ by bf16 rounding only."""
     out = tmp_path / "row.json"
     tiny = [f"data.shards={small_shards}/train-*.tar", "model.g_width=8", "model.d_width=8", "data.batch_size=16"]
-    run([sys.executable, "-m", "trainer.speedbench", "dcgan_lsgan_mnist", str(out), "2", "0.5", *tiny, "train.mixed_precision=no"])
+    run([sys.executable, "-m", "gannet.trainer.bench.speed", "dcgan_lsgan_mnist", str(out), "2", "0.5", *tiny, "train.mixed_precision=no"])
     row = json.loads(out.read_text())
     assert row["first_step_losses"]["gannet"] == pytest.approx(row["first_step_losses"]["reference"], rel=1e-5)
     assert row["mixed_precision"] == "no" and row["speedup"] > 0 and row["loader_ratio"] > 0
     if fast.cpu_has_fast_bf16():
-        run([sys.executable, "-m", "trainer.speedbench", "dcgan_lsgan_mnist", str(out), "1", "0.5", *tiny])
+        run([sys.executable, "-m", "gannet.trainer.bench.speed", "dcgan_lsgan_mnist", str(out), "1", "0.5", *tiny])
         row = json.loads(out.read_text())
         assert row["mixed_precision"] == "bf16"
         assert max(row["loss_rel_difference"].values()) < 0.05

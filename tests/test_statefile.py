@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.statefile import load_state, save_state
+from gannet.trainer.checkpoint.statefile import load_state, save_state
 
 
 def test_optimizer_and_rng_states_round_trip_exactly(tmp_path):

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.tracking import tracker as tracking
+from gannet.trainer.tracking.tracker import Tracker, git_state, read_metrics
+from gannet.trainer.tracking.wandb_files import find_run_files, read_history, read_media_files, read_records
 from tests.conftest import tiny_overrides
-from trainer.config import load_config
-from trainer import tracking
-from trainer.tracking import Tracker, git_state, read_metrics
-from trainer.wandb_files import find_run_files, read_history, read_media_files, read_records
 
 
 def config(run: Path, mode: str = "offline"):

@@ -13,7 +13,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.recipes import discover
+from gannet.models.recipes import discover
+from gannet.trainer.checkpoint.statefile import load_state
+from gannet.trainer.tracking.tracker import read_metrics as metrics
+from gannet.trainer.tracking.wandb_files import find_run_files, read_history, read_media_files
 from tests.conftest import (
     REPO,
     corrupt_copy,
@@ -22,9 +25,6 @@ from tests.conftest import (
     tiny_overrides,
     without_perf,
 )
-from trainer.statefile import load_state
-from trainer.tracking import read_metrics as metrics
-from trainer.wandb_files import find_run_files, read_history, read_media_files
 
 
 def bundled_config(recipe: str) -> Path:
@@ -83,7 +83,7 @@ def test_sigkill_then_resume_is_bit_identical(small_shards, tmp_path):
     gannet("train", "lsgan_mnist", *overrides(tmp_path / "straight"))
 
     killed = tmp_path / "killed"
-    kill_when([sys.executable, "-m", "trainer", "train", "lsgan_mnist", *overrides(killed)],
+    kill_when([sys.executable, "-m", "gannet", "train", "lsgan_mnist", *overrides(killed)],
               (killed / "checkpoints" / "step-00000020").exists)
     assert not (killed / "checkpoints" / "step-00000060").exists()
 

@@ -14,8 +14,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
-from trainer.config import config_names
-from trainer.errors import ConfigError, GannetError
+from gannet.trainer.config.loader import config_names
+from gannet.trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
@@ -27,7 +27,7 @@ EPILOG = """examples:
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
-  accelerate launch -m trainer train lsgan_mnist  # same code, many processes
+  accelerate launch -m gannet train lsgan_mnist  # same code, many processes
 """
 
 
@@ -177,16 +177,16 @@ def _cuda_present() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
-    from trainer.loop import train
+    from gannet.trainer.config.loader import load_config
+    from gannet.trainer.loop import train
 
     train(load_config(args.config, args.overrides))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
-    from trainer.loop import train
+    from gannet.trainer.config.loader import load_config
+    from gannet.trainer.loop import train
 
     saved = args.run_dir / "config.yaml"
     if not saved.is_file():
@@ -196,7 +196,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from trainer import remote, shards
+    from gannet.trainer.data import remote, shards
 
     target = args.out
     if not remote.is_remote(target):
@@ -244,7 +244,7 @@ def _write_shards(args: argparse.Namespace, shards, report: bool = True):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from trainer.sampling import sample_grid, translate_folder
+    from gannet.trainer.evaluation.sampling import sample_grid, translate_folder
 
     if (args.direction is None) != (args.input is None):
         raise ConfigError("--direction and --input go together: gannet sample RUN --direction AtoB --input DIR --out DIR")
@@ -258,7 +258,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate
+    from gannet.trainer.evaluation.evaluate import evaluate
 
     r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps, raw=args.raw)
     if "translation_accuracy_ab" in r:  # a translation run (CycleGAN)
@@ -287,8 +287,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from trainer.bench import run_bench
-    from trainer.config import load_config
+    from gannet.trainer.bench.scaling import run_bench
+    from gannet.trainer.config.loader import load_config
 
     if args.loader:  # `--loader s3://b/p/ data.batch_size=32`: key=value words after --loader are overrides
         import re
@@ -297,7 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.loader = [item for item in args.loader if item not in overrides]
         args.overrides = [*args.overrides, *overrides]
     if args.speed:
-        from trainer.speedbench import MODELS, speed_bench
+        from gannet.trainer.bench.speed import MODELS, speed_bench
 
         for config in MODELS.values():  # a bad key fails here, not inside a launched process
             load_config(config, args.overrides)
@@ -306,12 +306,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
     args.steps = args.steps or 60
     if args.loader is not None:
-        from trainer.loaderbench import loader_bench
+        from gannet.trainer.bench.loader import loader_bench
 
         loader_bench(cfg.data, args.loader, batches=args.steps, out=args.out)
         return 0
     if args.reference_step:
-        from trainer.stepbench import cyclegan_step_bench
+        from gannet.trainer.bench.step import cyclegan_step_bench
 
         if cfg.recipe.name != "cyclegan":
             raise ConfigError(f"--reference-step times the CycleGAN step against its reference; {args.config} is {cfg.recipe.name}")
@@ -338,7 +338,7 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import checkpoint_dir, verify_run
+    from gannet.trainer.checkpoint.store import checkpoint_dir, verify_run
 
     if not (args.run_dir / "config.yaml").is_file() and not checkpoint_dir(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a gannet run directory (no config.yaml, no checkpoints/)")

@@ -4,8 +4,8 @@
     -> steps (iterate, log, sample, evaluate, checkpoint) -> close
 
 Every rank runs this same function; rank 0 alone writes logs, samples and shared checkpoint
-files. What a training iteration does is the recipe's business (models.recipes); how gradients
-move between processes is the engine's (trainer.engine).
+files. What a training iteration does is the recipe's business (gannet.models.recipes); how gradients
+move between processes is the engine's (gannet.trainer.engine.distributed).
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import numpy as np
 import torch
 import yaml
 
-from trainer import fast, preemption
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.config import config_to_dict
-from trainer.data import ShardExamples, open_stream, stream_urls
-from trainer.engine import Engine
-from trainer.errors import ConfigError, GannetError
-from trainer.evaluate import Evaluator
-from trainer.images import grid_array, save_grid
-from trainer.schema import Config
-from trainer.setup import Job, setup
-from trainer.tracking import Tracker
+from gannet.trainer.checkpoint.store import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gannet.trainer.config.loader import config_to_dict
+from gannet.trainer.config.schema import Config
+from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
+from gannet.trainer.engine import fast, preemption
+from gannet.trainer.engine.distributed import Engine
+from gannet.trainer.engine.setup import Job, setup
+from gannet.trainer.errors import ConfigError, GannetError
+from gannet.trainer.evaluation.evaluate import Evaluator
+from gannet.trainer.evaluation.images import grid_array, save_grid
+from gannet.trainer.tracking.tracker import Tracker
 
 log = logging.getLogger("gannet")
 

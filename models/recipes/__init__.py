@@ -3,7 +3,7 @@
 Recipes are discovered: every module in this package is imported the first time a recipe is
 looked up, and a module registers its recipe with `@register`. Adding a GAN is one module here
 plus one YAML in configs/; no list is edited anywhere (docs/architecture.md walks through one).
-The contract a recipe implements is `models.recipes.base.Recipe`.
+The contract a recipe implements is `gannet.models.recipes.base.Recipe`.
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING
 
-from trainer.errors import ConfigError
+from gannet.trainer.errors import ConfigError
 
 if TYPE_CHECKING:
-    from models.recipes.base import Examples, Recipe
-    from trainer.schema import Config
+    from gannet.models.recipes.base import Examples, Recipe
+    from gannet.trainer.config.schema import Config
 
 RECIPES: dict[str, type[Recipe]] = {}
 
 
 def register(cls: type[Recipe]) -> type[Recipe]:
     """Class decorator: make `cls` selectable as `recipe.name: <cls.Params.name>`."""
-    from models.recipes.base import Recipe, RecipeParams
+    from gannet.models.recipes.base import Recipe, RecipeParams
 
     if not (isinstance(cls, type) and issubclass(cls, Recipe) and issubclass(cls.Params, RecipeParams)):
-        raise TypeError(f"{cls!r}: a registered recipe subclasses models.recipes.base.Recipe, with Params a RecipeParams")
+        raise TypeError(f"{cls!r}: a registered recipe subclasses gannet.models.recipes.base.Recipe, with Params a RecipeParams")
     name = cls.Params.name
     if not name or (name in RECIPES and RECIPES[name] is not cls):
         raise TypeError(f"{cls.__name__}: recipe name {name!r} is empty or already taken by {RECIPES.get(name)!r}")

@@ -18,19 +18,19 @@ capabilities (`condition`, `translates`, `optimized`) instead of probing for met
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Mapping, Protocol
-import copy
-import math
 
 import torch
 from torch import nn
 
-from models import augment, ema, networks, penalties
-from trainer.errors import ConfigError, GannetError
-from trainer.schema import Config
+from gannet.models import augment, ema, networks, penalties
+from gannet.trainer.config.schema import Config
+from gannet.trainer.errors import ConfigError, GannetError
 
 
 class Step(Protocol):
@@ -65,7 +65,7 @@ class Step(Protocol):
 
 
 class Examples(Protocol):
-    """The run's real data, read for a recipe by whoever runs it (trainer.data.ShardExamples)."""
+    """The run's real data, read for a recipe by whoever runs it (gannet.trainer.data.stream.ShardExamples)."""
 
     def images(self, n: int) -> dict[str, torch.Tensor]:
         """The first `n` readable images of each stream, keys as in a batch (`image`, `image_b`)."""
@@ -99,7 +99,7 @@ class RecipeParams:
 
 
 class Recipe(ABC):
-    """A GAN. Subclass it, decorate the subclass with `models.recipes.register`, and give it a
+    """A GAN. Subclass it, decorate the subclass with `gannet.models.recipes.register`, and give it a
     `Params` dataclass whose `name` is what `recipe.name` selects in a config.
 
     Declared capabilities, read by the loop, sampler, evaluator and bench:
@@ -192,7 +192,7 @@ class AdversarialParams(RecipeParams):
     r1_gamma: float = 0.0
     r1_every: int = 16
     gp_weight: float = 0.0
-    # Differentiable augmentation of D's inputs (models.augment): DiffAugment with `diffaugment`'s ops,
+    # Differentiable augmentation of D's inputs (gannet.models.augment): DiffAugment with `diffaugment`'s ops,
     # or ADA, whose p is tuned towards ada_target every ada_interval G steps, at most 1 per ada_kimg thousand images.
     augment: Literal["none", "diffaugment", "ada"] = "none"
     diffaugment: str = "color,translation,cutout"

@@ -15,10 +15,10 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from models import conditional  # noqa: F401  (registers the conditional networks)
-from models.recipes import register
-from models.recipes.gan import GAN, GANParams
-from trainer.errors import ConfigError, DataError
+from gannet.models import conditional  # noqa: F401  (registers the conditional networks)
+from gannet.models.recipes import register
+from gannet.models.recipes.gan import GAN, GANParams
+from gannet.trainer.errors import ConfigError, DataError
 
 
 @dataclass

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import networks
-from models.recipes import register
-from models.recipes.base import Examples, Recipe, RecipeParams, Step
-from trainer.errors import ConfigError
-from trainer.schema import Config
+from gannet.models import networks
+from gannet.models.recipes import register
+from gannet.models.recipes.base import Examples, Recipe, RecipeParams, Step
+from gannet.trainer.config.schema import Config
+from gannet.trainer.errors import ConfigError
 
 DIRECTIONS = {"AtoB": "AB", "BtoA": "BA"}
 

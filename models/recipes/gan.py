@@ -15,8 +15,8 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from models.recipes import register
-from models.recipes.base import AdversarialParams, AdversarialRecipe
+from gannet.models.recipes import register
+from gannet.models.recipes.base import AdversarialParams, AdversarialRecipe
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from models.recipes import register
-from models.recipes.base import AdversarialParams, AdversarialRecipe
+from gannet.models.recipes import register
+from gannet.models.recipes.base import AdversarialParams, AdversarialRecipe
 
 
 @dataclass

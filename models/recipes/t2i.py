@@ -1,8 +1,8 @@
 """Text-to-image GAN (Reed et al. 2016, "Generative Adversarial Text to Image Synthesis").
 
 G(z, phi(t)) draws an image for a caption t, where phi is a frozen sentence encoder
-(data.text_encoder; models.text) and G compresses phi(t) before concatenating it to z
-(models.conditional). The discriminator is matching-aware (GAN-CLS): besides real images with
+(data.text_encoder; gannet.models.text) and G compresses phi(t) before concatenating it to z
+(gannet.models.conditional). The discriminator is matching-aware (GAN-CLS): besides real images with
 their captions (say "yes") and fakes with their captions (say "no"), it sees real images with a
 mismatched caption (say "no"), so it must judge whether image and text agree, not only whether
 the image looks real. Its loss is log D(x, h) + (log(1 - D(x, h')) + log(1 - D(G(z, h), h))) / 2,
@@ -29,13 +29,13 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from models import conditional, penalties
-from models.recipes import register
-from models.recipes.base import Step
-from models.recipes.cgan import check_networks
-from models.recipes.gan import GAN, GANParams
-from models.text import SentenceEncoder
-from trainer.errors import ConfigError
+from gannet.models import conditional, penalties
+from gannet.models.recipes import register
+from gannet.models.recipes.base import Step
+from gannet.models.recipes.cgan import check_networks
+from gannet.models.recipes.gan import GAN, GANParams
+from gannet.models.text import SentenceEncoder
+from gannet.trainer.errors import ConfigError
 
 
 @dataclass

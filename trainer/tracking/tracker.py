@@ -9,7 +9,7 @@ Two rules keep the dashboard honest and harmless:
 - One history, each step once, across attempts. A killed attempt (SIGKILL, or a preemption's
   SIGTERM, which also ends W&B's service process) leaves W&B's log holding the steps up to
   some point p, while training resumes from its last checkpoint s. On resume the tracker reads
-  what earlier attempts persisted (trainer.wandb_files): steps in (p, s] are sent again from
+  what earlier attempts persisted (gannet.trainer.tracking.wandb_files): steps in (p, s] are sent again from
   metrics.jsonl (scalars), and re-trained steps <= p are not sent twice.
 - W&B lives in a background thread (init, log, finish), so a slow or unreachable server never
   stalls the loop (an online run that cannot reach it goes offline); any other W&B error is logged
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trainer.config import config_to_dict
-from trainer.schema import Config
+from gannet.trainer.config.loader import config_to_dict
+from gannet.trainer.config.schema import Config
 
 log = logging.getLogger("gannet")
 
@@ -98,7 +98,7 @@ class Tracker:
 
     def _wandb_persisted(self, run_id: str) -> int:
         """The last step earlier attempts of this W&B run got onto disk (read before this one starts)."""
-        from trainer.wandb_files import persisted_step  # imports wandb: only runs that use it pay
+        from gannet.trainer.tracking.wandb_files import persisted_step  # imports wandb: only runs that use it pay
 
         try:
             return persisted_step(self.run_dir, run_id)

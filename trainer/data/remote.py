@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from trainer.errors import ConfigError
+from gannet.trainer.errors import ConfigError
 
 log = logging.getLogger("gannet.remote")
 SCHEMES = ("s3://", "http://", "https://")

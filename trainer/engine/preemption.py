@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from trainer.engine import Engine
+    from gannet.trainer.engine.distributed import Engine
 
 _watching = False
 _requested = False

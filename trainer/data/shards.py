@@ -25,8 +25,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from trainer.captions import caption_digit
-from trainer.errors import ConfigError
+from gannet.trainer.data.captions import caption_digit
+from gannet.trainer.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -10,7 +10,7 @@ Two tables:
   own, counting each storage once.
 
 Nothing here is asserted: the numbers go to the terminal and to a JSON file. The CycleGAN step
-against a plain eager reference is trainer.stepbench (`--reference-step`).
+against a plain eager reference is gannet.trainer.bench.step (`--reference-step`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any, Iterable
 
 import torch
 
-from trainer.config import load_config
-from trainer.data import ShardExamples, open_stream, stream_urls
-from trainer.engine import free_port
-from trainer.setup import setup
-from trainer.tracking import read_metrics
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
+from gannet.trainer.engine.distributed import free_port
+from gannet.trainer.engine.setup import setup
+from gannet.trainer.tracking.tracker import read_metrics
 
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
               "zero2": ["train.strategy=deepspeed", "optim.g.zero_stage=2", "optim.d.zero_stage=2"],
@@ -61,7 +61,7 @@ def _check(result: subprocess.CompletedProcess, what: str) -> None:
 
 def throughput(config: str, overrides: list[str], processes: int, steps: int, cpu: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["-m", "trainer", "train", config, *overrides, f"train.steps={steps}", f"train.log_every={steps // 2}",
+        args = ["-m", "gannet", "train", config, *overrides, f"train.steps={steps}", f"train.log_every={steps // 2}",
                 f"train.sample_every={steps}", f"train.checkpoint_every={steps}", "log.wandb=disabled", f"run_dir={tmp}/run"]
         if cpu and processes > 1:
             args.append("train.cpu=true")
@@ -129,7 +129,7 @@ def memory_worker(out: str, config: str, overrides: list[str]) -> None:
 def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bool) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         extra = [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
-        args = ["-m", "trainer.bench", out.name, config, *overrides, *extra]
+        args = ["-m", "gannet.trainer.bench.scaling", out.name, config, *overrides, *extra]
         result = subprocess.run(_launch(world, args), env=_env(cpu, world), capture_output=True, text=True)
         _check(result, f"memory under {strategy}")
         report = json.loads(Path(out.name).read_text())

@@ -1,6 +1,6 @@
 """Loader throughput (`gannet bench --loader [SHARDS ...]`): images/s the data stream alone delivers.
 
-The training stream itself (trainer.data: shard reads, shuffle buffer, decode, batching in the
+The training stream itself (gannet.trainer.data.stream: shard reads, shuffle buffer, decode, batching in the
 loader workers), with no model, timed on the config's `data.shards` and on each other shard
 source given (an `s3://` prefix, an `http(s)://` pattern, another folder), so a remote store can
 be compared with local disk on the same machine. Sources are timed in turns, a block of batches
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer import remote
-from trainer.data import DataStream, expand_urls, open_stream, stream_urls
-from trainer.schema import Config, DataConfig
+from gannet.trainer.config.schema import Config, DataConfig
+from gannet.trainer.data import remote
+from gannet.trainer.data.stream import DataStream, expand_urls, open_stream, stream_urls
 
 
 def source_kind(pattern: str) -> str:

@@ -4,7 +4,7 @@ what was chosen and why.
 `train.mixed_precision`, `train.compile`, `train.channels_last` and `train.adam` default to `auto`:
 the setting measured fastest on this kind of device (README, *Performance*), so a user gets the
 fast step without flags. The engine applies the choices (autocast through Accelerate, layout and
-compilation of each optimised network at `prepare`), `trainer.setup` builds Adam with them.
+compilation of each optimised network at `prepare`), `gannet.trainer.engine.setup` builds Adam with them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trainer.schema import Config
+from gannet.trainer.config.schema import Config
 
 log = logging.getLogger("gannet")
 
@@ -51,7 +51,7 @@ class Choices:
     adam: str
     channels_last: dict[str, bool] = field(default_factory=dict)  # per optimised network, set at prepare
     why: dict[str, str] = field(default_factory=dict)
-    compile_reported: str = ""  # the last torch.compile report logged (trainer.loop.report_compile)
+    compile_reported: str = ""  # the last torch.compile report logged (gannet.trainer.loop.report_compile)
 
     def describe(self) -> str:
         layout = ", ".join(f"{name} {'channels_last' if on else 'contiguous'}" for name, on in self.channels_last.items())

@@ -2,7 +2,7 @@
 
 A leaf module (it imports nothing from gannet), so that networks and recipes in models/ can be
 typed against the config without importing the loader, which itself needs the recipe registry
-to type the `recipe` section (trainer.config). `recipe` holds the named recipe's Params.
+to type the `recipe` section (gannet.trainer.config.loader). `recipe` holds the named recipe's Params.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
 
 @dataclass
 class DataConfig:
@@ -76,7 +77,7 @@ class TrainConfig:
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # ddp: Accelerate/DDP; deepspeed: one engine per network
     grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step
     # auto = bf16 where the device computes it fast (a GPU with bf16, a CPU with AVX-512 BF16 or AMX),
-    # else no; the log says what was chosen and why (trainer.fast)
+    # else no; the log says what was chosen and why (gannet.trainer.engine.fast)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the optimised networks; auto = on for GPUs
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture without code generation)

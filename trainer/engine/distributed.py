@@ -33,9 +33,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
-from trainer import fast
-from trainer.errors import GannetError
-from trainer.schema import Config, OptimConfig
+from gannet.trainer.config.schema import Config, OptimConfig
+from gannet.trainer.engine import fast
+from gannet.trainer.errors import GannetError
 
 log = logging.getLogger("gannet")
 
@@ -492,7 +492,7 @@ class DeepSpeedEngine(Engine):
             raise failed[0]
 
     def load_state(self, ckpt_dir: Path, shared: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        from trainer.safe_load import weights_only_loads
+        from gannet.trainer.checkpoint.safe_load import weights_only_loads
 
         for name, state in weights.items():  # networks without an engine (an EMA copy): from the weights
             if name not in self.optimizers:

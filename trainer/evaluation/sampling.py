@@ -11,15 +11,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from models.recipes import make_recipe
-from models.recipes.base import Recipe
-from trainer.checkpoint import list_checkpoints
-from trainer.config import config_from_dict
-from trainer.schema import Config
-from trainer.errors import GannetError
-from trainer.data import ShardExamples, decode_image_sample
-from trainer.images import grid_array, save_grid
-from trainer.shards import image_fields, image_files
+from gannet.models.recipes import make_recipe
+from gannet.models.recipes.base import Recipe
+from gannet.trainer.checkpoint.store import list_checkpoints
+from gannet.trainer.config.loader import config_from_dict
+from gannet.trainer.config.schema import Config
+from gannet.trainer.data.shards import image_fields, image_files
+from gannet.trainer.data.stream import ShardExamples, decode_image_sample
+from gannet.trainer.errors import GannetError
+from gannet.trainer.evaluation.images import grid_array, save_grid
 
 
 def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Recipe, dict[int, Path]]:

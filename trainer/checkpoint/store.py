@@ -36,8 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.errors import GannetError
-from trainer.statefile import load_state, save_state
+from gannet.trainer.checkpoint.statefile import load_state, save_state
+from gannet.trainer.errors import GannetError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"

@@ -11,10 +11,10 @@ Design (docs/architecture.md, "Data"):
   so resuming replays only tar reads to the saved position, never image decodes or transforms.
 - Captions (the `txt` field, one per line) become `text_emb` when `data.text_encoder` is set: one
   caption per sample and epoch, drawn from a seed of the sample's position (so a resumed stream
-  draws the same ones), encoded in the worker by a frozen sentence encoder (models.text).
+  draws the same ones), encoded in the worker by a frozen sentence encoder (gannet.models.text).
 - A sample or shard that fails to read or decode is skipped and counted. Counts travel with the
   batches to the training process, which enforces `data.max_errors` for the whole run.
-- Remote shards (`s3://`, `http(s)://`, trainer.remote) read like local ones. A transient network
+- Remote shards (`s3://`, `http(s)://`, gannet.trainer.data.remote) read like local ones. A transient network
   failure is retried (counted as `retries`, beside `errors`); a shard that still fails is skipped
   and counted like a corrupt one, within the same budget.
 """
@@ -37,10 +37,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from models.text import SentenceEncoder
-from trainer import preemption, remote
-from trainer.schema import Config, DataConfig
-from trainer.errors import ConfigError, DataError
+from gannet.models.text import SentenceEncoder
+from gannet.trainer.config.schema import Config, DataConfig
+from gannet.trainer.data import remote
+from gannet.trainer.engine import preemption
+from gannet.trainer.errors import ConfigError, DataError
 
 log = logging.getLogger("gannet.data")
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -110,7 +111,7 @@ def shard_samples(urls: Iterable[str], handler: Callable[[Exception], bool], pol
     """Raw samples ({"__key__", ext: bytes}) of the shards in order, local or remote.
 
     WebDataset's own tar reader and key grouping, behind gannet's opener: local files and `pipe:`
-    commands as WebDataset opens them, `s3://` and `http(s)://` through trainer.remote (retried,
+    commands as WebDataset opens them, `s3://` and `http(s)://` through gannet.trainer.data.remote (retried,
     resumed mid-shard, counted in `stats`). An error ends its shard (reported once to `handler`,
     which returns whether to go on with the next one).
 

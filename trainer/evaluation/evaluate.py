@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.recipes.base import Recipe
-from trainer.captions import attribute_agreement
-from trainer.classifier import DigitClassifier, cached_classifier
-from trainer.schema import Config
-from trainer.data import cache_beside, expand_urls, first_images, heldout_beside
-from trainer.errors import ConfigError, GannetError
-from trainer.images import save_grid
-from trainer.report import write_report
-from trainer.sampling import load_networks, open_run
-from trainer.tracking import read_metrics
-from trainer.translation_eval import evaluate_translation
-from trainer.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
+from gannet.models.recipes.base import Recipe
+from gannet.trainer.config.schema import Config
+from gannet.trainer.data.captions import attribute_agreement
+from gannet.trainer.data.stream import cache_beside, expand_urls, first_images, heldout_beside
+from gannet.trainer.errors import ConfigError, GannetError
+from gannet.trainer.evaluation.classifier import DigitClassifier, cached_classifier
+from gannet.trainer.evaluation.images import save_grid
+from gannet.trainer.evaluation.metrics import frechet_distance, kernel_inception_distance, nearest_neighbours, precision_recall
+from gannet.trainer.evaluation.report import write_report
+from gannet.trainer.evaluation.sampling import load_networks, open_run
+from gannet.trainer.evaluation.translation import evaluate_translation
+from gannet.trainer.tracking.tracker import read_metrics
 
 log = logging.getLogger("gannet")
 

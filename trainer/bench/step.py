@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trainer.config import load_config
-from trainer.schema import OptimPair
-from trainer.setup import setup
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.config.schema import OptimPair
+from gannet.trainer.engine.setup import setup
 
 
 def _sync(device: torch.device) -> None:
@@ -32,7 +32,7 @@ def reference_cyclegan_step(nets: dict[str, torch.nn.Module], optim: OptimPair,
     """The reference implementation's `CycleGANModel.optimize_parameters`, re-written plainly in eager
     PyTorch over the same four networks: one Adam over both generators (itertools.chain) and one over
     both discriminators, D frozen by requires_grad during the G step, two D backwards."""
-    from models.recipes.cyclegan import ImagePool
+    from gannet.models.recipes.cyclegan import ImagePool
 
     G_A, G_B, D_A, D_B = nets["G"]["AB"], nets["G"]["BA"], nets["D"]["B"], nets["D"]["A"]  # reference names
     opt_G = torch.optim.Adam(itertools.chain(G_A.parameters(), G_B.parameters()), lr=optim.g.lr, betas=optim.g.betas)

@@ -16,15 +16,16 @@ from typing import Any, Literal
 
 import yaml
 
-from models.recipes import get_recipe
-from trainer.errors import ConfigError
-from trainer.schema import Config, OptimConfig
+from gannet.models.recipes import get_recipe
+from gannet.trainer.config.schema import Config, OptimConfig
+from gannet.trainer.errors import ConfigError
 
-# Configs and presets are package data (`configs` and `launch` are packages; pyproject.toml lists
+# Configs and presets are package data (`gannet.configs` and `gannet.launch`; pyproject.toml lists
 # their YAML files), located through the import system rather than beside this file, so an
 # installed gannet finds them from any directory. `files()` of a package on disk is a Path.
-CONFIG_DIR = Path(str(resources.files("configs")))
-RESOURCE_PACKAGES = ("configs", "launch")
+# Users name them by their source-tree folder (`launch/deepspeed/zero2.yaml`).
+CONFIG_DIR = Path(str(resources.files("gannet.configs")))
+RESOURCE_PACKAGES = {"configs": "gannet.configs", "launch": "gannet.launch"}
 
 
 def config_names() -> list[str]:
@@ -49,7 +50,7 @@ def packaged(path: str) -> Path | None:
     parts = Path(path).parts
     if len(parts) < 2 or parts[0] not in RESOURCE_PACKAGES:
         return None
-    return Path(str(resources.files(parts[0]))).joinpath(*parts[1:])
+    return Path(str(resources.files(RESOURCE_PACKAGES[parts[0]]))).joinpath(*parts[1:])
 
 
 def resolve_preset(item: str) -> Path:

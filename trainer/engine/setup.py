@@ -11,11 +11,11 @@ from typing import Callable
 
 import torch
 
-from models.recipes import make_recipe
-from models.recipes.base import Examples, Recipe
-from trainer import fast
-from trainer.engine import Engine, make_engine
-from trainer.schema import Config, OptimConfig
+from gannet.models.recipes import make_recipe
+from gannet.models.recipes.base import Examples, Recipe
+from gannet.trainer.config.schema import Config, OptimConfig
+from gannet.trainer.engine import fast
+from gannet.trainer.engine.distributed import Engine, make_engine
 
 
 def lr_factor(opt: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -39,7 +39,7 @@ class Job:
 def setup(cfg: Config, examples: Examples | None = None) -> Job:
     """Start the engine (processes, device), then build the recipe's networks from the run's seed
     (identical on every rank), an Adam per network the recipe optimises (fused or foreach as
-    `train.adam` resolves: trainer.fast), and their schedules."""
+    `train.adam` resolves: gannet.trainer.engine.fast), and their schedules."""
     engine = make_engine(cfg)
     torch.manual_seed(cfg.seed)
     recipe = make_recipe(cfg, examples)

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer import loaderbench
-from trainer.config import load_config
-from trainer.schema import Config
-from trainer.setup import setup
-from trainer.stepbench import interleaved, reference_cyclegan_step
+from gannet.trainer.bench import loader as loaderbench
+from gannet.trainer.bench.step import interleaved, reference_cyclegan_step
+from gannet.trainer.config.loader import load_config
+from gannet.trainer.config.schema import Config
+from gannet.trainer.engine.setup import setup
 
 # model -> (config, its shards, written by `prepare_shards`)
 MODELS = {"cyclegan_256": "cyclegan_256", "dcgan_lsgan_mnist": "lsgan_mnist"}
@@ -134,7 +134,7 @@ def synthetic_jpegs(folder: Path, n: int, size: int, seed: int) -> None:
 def prepare_shards(tmp: Path) -> dict[str, list[str]]:
     """Shards the loader is timed on, per model: the bundled MNIST digits (PNG, 28 px), and 256 px
     JPEG folders for both CycleGAN domains (resized to 286 and cropped to 256, as in training)."""
-    from trainer.shards import write_mnist_shards, write_unpaired_shards
+    from gannet.trainer.data.shards import write_mnist_shards, write_unpaired_shards
 
     write_mnist_shards(tmp / "mnist")
     for domain, seed in (("A", 0), ("B", 1)):
@@ -162,7 +162,7 @@ def speed_bench(overrides: list[str], *, steps: int, seconds: float, out: Path, 
         data = prepare_shards(Path(tmp))
         for model in models or list(MODELS):
             row_file = Path(tmp) / f"{model}.json"
-            cmd = [sys.executable, "-m", "trainer.speedbench", model, str(row_file), str(steps), str(seconds),
+            cmd = [sys.executable, "-m", "gannet.trainer.bench.speed", model, str(row_file), str(steps), str(seconds),
                    *data[model], *overrides]
             done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
             if done.returncode != 0:

@@ -1,6 +1,6 @@
 """DeepSpeed's engine state, loaded without running code from the checkpoint.
 
-gannet's own files are safetensors + JSON (trainer.statefile), but each DeepSpeed engine writes its
+gannet's own files are safetensors + JSON (gannet.trainer.checkpoint.statefile), but each DeepSpeed engine writes its
 state with `torch.save`, and `DeepSpeedEngine.load_checkpoint` reads it back through
 `TorchCheckpointEngine.load`, which calls `torch.load(..., weights_only=False)`: a plain pickle,
 so a crafted checkpoint would run any code it names on resume. Here every `*.pt` file is first
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from trainer.checkpoint import CheckpointError
+from gannet.trainer.checkpoint.store import CheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 

@@ -1,5 +1,5 @@
 """The small CNN behind gannet's offline evaluation features: a digit classifier for noise GANs
-(trainer.evaluate), a domain classifier for translation GANs (trainer.translation_eval)."""
+(gannet.trainer.evaluation.evaluate), a domain classifier for translation GANs (gannet.trainer.evaluation.translation)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.schema import Config
+from gannet.trainer.config.schema import Config
 
 
 class DigitClassifier(nn.Module):

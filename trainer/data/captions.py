@@ -20,7 +20,7 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 THICKNESS = ("thin", "medium", "thick")
 SLANT = ("slanted to the left", "upright", "slanted to the right")
 WIDTH = ("narrow", "medium-width", "wide")
-# Tercile edges measured on the bundled MNIST digits (trainer.shards.bundled_mnist).
+# Tercile edges measured on the bundled MNIST digits (gannet.trainer.data.shards.bundled_mnist).
 THICKNESS_EDGES = (2.57, 3.12)  # stroke width in pixels: 2 x ink area / boundary pixels
 SLANT_EDGES = (0.0, 0.26)  # horizontal shift per pixel of height (second moments); > 0 leans right
 WIDTH_EDGES = (14, 17)  # width of the inked bounding box in pixels, at 28 x 28

@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from models.recipes.base import Recipe
-from trainer.classifier import cached_classifier
-from trainer.data import cache_beside, expand_urls, first_images
-from trainer.errors import GannetError
-from trainer.images import save_grid
-from trainer.metrics import frechet_distance
-from trainer.schema import Config
-from trainer.sampling import decode_images
-from trainer.shards import image_files
+from gannet.models.recipes.base import Recipe
+from gannet.trainer.config.schema import Config
+from gannet.trainer.data.shards import image_files
+from gannet.trainer.data.stream import cache_beside, expand_urls, first_images
+from gannet.trainer.errors import GannetError
+from gannet.trainer.evaluation.classifier import cached_classifier
+from gannet.trainer.evaluation.images import save_grid
+from gannet.trainer.evaluation.metrics import frechet_distance
+from gannet.trainer.evaluation.sampling import decode_images
 
 log = logging.getLogger("gannet")
 

@@ -1,0 +1,1 @@
+"""Measurements, never asserted: `gannet bench` modes (scaling: throughput on 1..N processes and memory per rank; speed: the default step against an eager reference; step: CycleGAN's reference step; loader: the data stream alone)."""

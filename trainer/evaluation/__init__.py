@@ -1,0 +1,1 @@
+"""Looking at a run: opening it on one process (sampling), `gannet eval` (evaluate; translation for CycleGAN), its metrics and features (metrics, classifier), grids (images) and the report page (report)."""
