@@ -139,6 +139,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
         "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
     p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="PX", help=(
+        "with --loader: the loader at these sizes (e.g. 64 128 256) on JPEG shards it writes itself, against plain "
+        "Pillow decoding of the same bytes, with 1 and 2 workers; draft mode 512 -> 256; conversion with 1 and 2 workers"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,6 +338,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
     args.steps = args.steps or 60
+    if args.loader is not None and args.sizes:
+        from gannet.trainer.bench.loader import resolution_bench
+
+        resolution_bench(cfg.data, args.sizes, out=args.out)
+        return 0
     if args.loader is not None:
         from gannet.trainer.bench.loader import loader_bench
 

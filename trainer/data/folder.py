@@ -306,8 +306,10 @@ def write_image_shards(source: Path, out: Path, opts: ImageOptions, *, labels: s
             finally:
                 results.close()  # ends the worker processes
         if not tally.written.get("train"):
-            raise ConfigError(f"{source}: no readable image left for training ({sum(tally.written.values())} read, "
-                              f"{len(tally.skipped)} skipped, e.g. {tally.skipped[0][0]}: {tally.skipped[0][1]})")
+            read, (path, why) = sum(tally.written.values()), sorted(tally.skipped)[0]
+            raise ConfigError(f"{source} holds no readable image ({len(tally.skipped)} file(s) skipped, e.g. {path}: {why})"
+                              if not read else f"{source}: all {read} readable image(s) went to --holdout {holdout}; "
+                              f"none is left for training")
         _write_metadata(tmp, found, tally)
         return counts
 
