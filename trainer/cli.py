@@ -25,6 +25,8 @@ EPILOG = """examples:
   gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
   gannet sample runs/lsgan_mnist --out grid.png
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
+  gannet shards images photos/ --out data/photos --size 64   # your own folder: one subfolder per class
+  gannet sample runs/my_photos --label tulip --out tulips.png  # a class by its folder's name
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
   accelerate launch -m gannet train lsgan_mnist  # same code, many processes
@@ -93,7 +95,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, help="class to draw (class-conditional runs, recipe cgan)")
+    p.add_argument("--label", help=("class to draw (class-conditional runs, recipe cgan): its index, or its name in the "
+                                     "classes.json beside the run's shards (gannet shards images writes it)"))
     p.add_argument("--text", action="append", metavar="CAPTION",
                    help="caption to draw (text-to-image runs); give it twice for an interpolation grid between two captions")
     p.add_argument("--interpolate", type=int, default=8, metavar="STEPS",
