@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import braceexpand
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image
@@ -90,11 +91,29 @@ def decode_pixels(sample: dict[str, Any], image_size: int, channels: int) -> dic
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"sample {sample.get('__key__')!r} has no image field (looked for {', '.join(IMAGE_KEYS)})")
-    with Image.open(io.BytesIO(sample[key])) as img:
-        pixels = np.array(center_square(img, image_size, "L" if channels == 1 else "RGB"))  # writable, for torch
+    pixels = jpeg_square(sample[key], image_size, channels) if key in ("jpg", "jpeg") else None
+    if pixels is None:
+        with Image.open(io.BytesIO(sample[key])) as img:
+            pixels = np.array(center_square(img, image_size, "L" if channels == 1 else "RGB"))  # writable, for torch
     image = torch.from_numpy(pixels)[None] if channels == 1 else torch.from_numpy(pixels).permute(2, 0, 1)
     label = int(sample["cls"]) if "cls" in sample else -1
     return {"image": image, "label": torch.tensor(label)}
+
+
+def jpeg_square(data: bytes, size: int, channels: int) -> np.ndarray | None:
+    """A JPEG's centred square through simplejpeg: libjpeg-turbo straight into a NumPy array, the same
+    pixels as Pillow's decode at about 1.5x its speed (`gannet bench --loader --sizes`), DCT-scaled
+    like draft mode (`min_height`/`min_width`). None for what Pillow handles better (CMYK, whose
+    Adobe inversion simplejpeg does not apply); a damaged file raises, as with Pillow."""
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colorspace == "CMYK":
+        return None
+    target = size if min(height, width) >= 2 * size else 0
+    pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB", min_height=target, min_width=target)
+    pixels = pixels[..., 0] if channels == 1 else pixels
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return np.array(center_square(Image.fromarray(pixels), size, "L" if channels == 1 else "RGB"))
 
 
 def center_square(img: Image.Image, size: int, mode: str) -> Image.Image:
