@@ -178,6 +178,9 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:
 
 def without_perf(rows: list[dict]) -> list[dict]:
     """Metrics records minus timings: what two runs of the same computation must share exactly."""
-    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith("perf/") and k not in LOADER_TIMINGS} for row in rows]
+
+
+LOADER_TIMINGS = ("data/wait_ms", "data/loader_images_per_s")  # timings of the loader, logged beside its counts
 
 

@@ -15,7 +15,7 @@ from gannet.trainer.errors import ConfigError
 from tests.conftest import gannet
 
 BASE = yaml.safe_load((CONFIG_DIR / "lsgan_mnist.yaml").read_text())
-SECTIONS = {"data": ["shards", "image_size", "channels", "batch_size", "num_workers", "max_errors", "load_size", "flip"],
+SECTIONS = {"data": ["shards", "image_size", "channels", "batch_size", "num_workers", "max_errors", "load_size", "mirror"],
             "model": ["generator", "discriminator", "z_dim", "g_width", "norm", "num_classes"],
             "optim.g": ["lr", "betas", "schedule", "decay_from", "clip_grad", "zero_stage"],
             "train": ["steps", "strategy", "grad_accum", "mixed_precision", "log_every", "keep_checkpoints"],

@@ -91,7 +91,7 @@ def test_image_pool_returns_new_fakes_until_full_then_mixes_history():
 
 
 def test_augmentation_is_a_crop_and_flip_fixed_by_the_sample_position():
-    cfg = DataConfig(image_size=4, load_size=6, flip=True)
+    cfg = DataConfig(image_size=4, load_size=6, mirror=True)
     sample = {"image": torch.arange(36.0).view(1, 6, 6), "label": torch.tensor(1)}
     crops = [augment(sample, cfg, (0, 0, 0, 0, i))["image"] for i in range(40)]
     assert all(c.shape == (1, 4, 4) for c in crops)

@@ -41,7 +41,7 @@ class Poisoned:
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self.stream)
         self.count["n"] += 1
-        return {**batch, "image": torch.full_like(batch["image"], float("nan"))} if self.count["n"] in self.bad else batch
+        return {**batch, "image": torch.full(batch["image"].shape, float("nan"))} if self.count["n"] in self.bad else batch
 
 
 def test_a_nan_batch_skips_the_update_and_leaves_weights_optimizer_and_ema_untouched(plugin_recipe, small_shards, tmp_path):

@@ -25,6 +25,8 @@ EPILOG = """examples:
   gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
   gannet sample runs/lsgan_mnist --out grid.png
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
+  gannet shards images photos/ --out data/photos --size 64   # your own folder: one subfolder per class
+  gannet sample runs/my_photos --label tulip --out tulips.png  # a class by its folder's name
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
   accelerate launch -m gannet train lsgan_mnist  # same code, many processes
@@ -57,19 +59,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
   unpaired --a DIR --b DIR   two image folders of any size (e.g. trainA/ trainB/) -> a-*.tar, b-*.tar
   captions FOLDER            images with a caption file beside each (cat.jpg + cat.txt, one caption per line)
   cub ROOT                   CUB-200-2011 with Reed et al.'s captions: ROOT/images/CLASS/*.jpg + ROOT/text/CLASS/*.txt
-  coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder""")
-    p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco"])
-    p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub) or captions JSON (coco)")
+  coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder
+  images DIR --size N        your own photos, any format and size -> N x N: one subfolder per class
+                             (classes.json beside the shards), StyleGAN's dataset.json, or no labels""")
+    p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco", "images"])
+    p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub, images) or captions JSON (coco)")
     p.add_argument("--out", required=True, help=("output folder, or an object store prefix s3://BUCKET/PREFIX/ "
                                                  "(train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)"))
     p.add_argument("--images", type=Path, help="mnist: IDX images file (e.g. train-images-idx3-ubyte.gz); coco: the image folder")
-    p.add_argument("--labels", type=Path, help="MNIST IDX labels file")
+    p.add_argument("--labels", type=Path, help=("mnist: the IDX labels file; images: where classes come from: auto "
+                                               "(default: dataset.json, else class subfolders, else none) | folders | dataset.json | none"))
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     p.add_argument("--a", type=Path, help="unpaired: folder of domain A images, any size (e.g. trainA/)")
     p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
     p.add_argument("--holdout", type=int, help=("samples held out: val-*.tar for mnist (default 500), captions/cub/coco "
-                                               "(default 0); testA/ testB/ for silhouettes (default 100)"))
+                                               "(default 0), images (default 0); testA/ testB/ for silhouettes (default 100)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
+    g = p.add_argument_group("images")
+    g.add_argument("--size", type=int, help="side of the square images written, in pixels (e.g. 256)")
+    g.add_argument("--transform", default="center-crop", help=("center-crop (default) | center-crop-wide (a 2:1 band "
+                   "in the square) | pad (whole image, bars of --background) | stretch"))
+    g.add_argument("--format", default="jpg", help=("jpg (default) | png | keep (JPEG/PNG/WebP files stored as they are, "
+                   "cropped by the loader at training time; the rest as PNG)"))
+    g.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    g.add_argument("--channels", type=int, default=3, help="3 (RGB, default) or 1 (grey)")
+    g.add_argument("--background", default="black", help="fills transparent pixels and pad bars (a colour name or #rrggbb)")
+    g.add_argument("--workers", type=int, default=1, help="processes that decode and encode (default 1; the bytes are the same for any)")
 
     p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
         "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
@@ -80,7 +95,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, help="class to draw (class-conditional runs, recipe cgan)")
+    p.add_argument("--label", help=("class to draw (class-conditional runs, recipe cgan): its index, or its name in the "
+                                     "classes.json beside the run's shards (gannet shards images writes it)"))
     p.add_argument("--text", action="append", metavar="CAPTION",
                    help="caption to draw (text-to-image runs); give it twice for an interpolation grid between two captions")
     p.add_argument("--interpolate", type=int, default=8, metavar="STEPS",
@@ -126,6 +142,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
         "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
     p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="PX", help=(
+        "with --loader: the loader at these sizes (e.g. 64 128 256) on JPEG shards it writes itself, against plain "
+        "Pillow decoding of the same bytes, with 1 and 2 workers; draft mode 512 -> 256; conversion with 1 and 2 workers"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +217,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_shards(args: argparse.Namespace) -> int:
     from gannet.trainer.data import remote, shards
 
-    target = args.out
+    target = args.destination = args.out
     if not remote.is_remote(target):
         args.out = Path(target)
         return _write_shards(args, shards)
@@ -220,7 +239,9 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def _write_shards(args: argparse.Namespace, shards, report: bool = True):
     holdout = {"holdout": args.holdout} if args.holdout is not None else {}  # else each kind's default
-    if args.kind == "unpaired":
+    if args.kind == "images":
+        counts = _write_image_shards(args, holdout)
+    elif args.kind == "unpaired":
         if args.a is None or args.b is None:
             raise ConfigError("gannet shards unpaired needs both --a DIR and --b DIR (the two domains' image folders)")
         counts = shards.write_unpaired_shards(args.out, args.a, args.b, shard_size=args.shard_size)
@@ -241,6 +262,21 @@ def _write_shards(args: argparse.Namespace, shards, report: bool = True):
         return counts
     print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} shard(s) to {args.out}")
     return 0
+
+
+def _write_image_shards(args: argparse.Namespace, holdout: dict[str, int]) -> dict[str, int]:
+    """`gannet shards images DIR --size N`: the conversion, then its summary on stdout."""
+    from gannet.trainer.data import folder
+
+    if args.source is None or args.size is None:
+        raise ConfigError("gannet shards images needs the folder and --size N: gannet shards images DIR --out OUT --size 256")
+    opts = folder.ImageOptions(size=args.size, transform=args.transform, format=args.format, quality=args.quality,
+                               channels=args.channels, background=folder.parse_background(args.background))
+    counts, found, tally = folder.write_image_shards(
+        args.source, args.out, opts, labels=str(args.labels or "auto"), shard_size=args.shard_size, seed=args.seed,
+        workers=args.workers, progress=sys.stderr.isatty(), **holdout)
+    print(folder.summary(found, tally, opts, args.destination))
+    return counts
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -305,6 +341,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
     args.steps = args.steps or 60
+    if args.loader is not None and args.sizes:
+        from gannet.trainer.bench.loader import resolution_bench
+
+        resolution_bench(cfg.data, args.sizes, out=args.out)
+        return 0
     if args.loader is not None:
         from gannet.trainer.bench.loader import loader_bench
 

@@ -177,6 +177,9 @@ def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.
     record["data/skipped"] = float(engine.data.position.errors)
     record["data/retries"] = float(engine.data.position.retries)  # remote shards: transient failures retried
     record["train/nonfinite_steps"] = float(engine.nonfinite_steps)
+    if hasattr(engine.data, "meter"):  # how long steps waited for data, what the loader can deliver (mean over ranks)
+        loader = engine.data.meter.take(step - meter.step)
+        record.update(zip(loader, engine.mean(torch.tensor(list(loader.values()), device=engine.device)).tolist()))
     record["perf/images_per_s"] = meter.images_per_s(step)
     tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})
 

@@ -86,11 +86,13 @@ def on_each_shard(callback: Callable[[str], None]) -> Iterator[None]:
         _finished_shard.reset(token)
 
 
-def write_split(samples: Iterable[tuple[str, dict[str, bytes]]], out: Path, split: str, shard_size: int) -> int:
-    """Write (key, {ext: bytes}) samples to OUT/SPLIT-000000.tar, ...; returns the shard count."""
+def write_split(samples: Iterable[tuple[str, dict[str, bytes]]], out: Path, split: str, shard_size: int,
+                mtime: float | None = None) -> int:
+    """Write (key, {ext: bytes}) samples to OUT/SPLIT-000000.tar, ...; returns the shard count.
+    A fixed `mtime` for the tar headers makes the same samples the same bytes (else: now)."""
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
-                         post=_finished_shard.get()) as sink:
+                         post=_finished_shard.get(), mtime=mtime) as sink:
         for key, fields in samples:
             sink.write({"__key__": key, **fields})
         return sink.shard  # shards opened so far
@@ -131,6 +133,10 @@ def publish(out: Path, write_all: Callable[[Path], dict[str, int]]) -> dict[str,
     """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed conversion: its process is gone
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         counts = write_all(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +148,16 @@ def publish(out: Path, write_all: Callable[[Path], dict[str, int]]) -> dict[str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def image_fields(path: Path) -> dict[str, bytes]:

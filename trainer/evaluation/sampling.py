@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from gannet.models.recipes.base import Recipe
 from gannet.trainer.checkpoint.store import list_checkpoints
 from gannet.trainer.config.loader import config_from_dict
 from gannet.trainer.config.schema import Config
+from gannet.trainer.data import remote
 from gannet.trainer.data.shards import image_fields, image_files
-from gannet.trainer.data.stream import ShardExamples, decode_image_sample
-from gannet.trainer.errors import GannetError
+from gannet.trainer.data.stream import ShardExamples, decode_image_sample, expand_urls
+from gannet.trainer.errors import ConfigError, GannetError
 from gannet.trainer.evaluation.images import grid_array, save_grid
 
 
@@ -44,7 +46,34 @@ def load_networks(recipe: Recipe, checkpoint: Path) -> dict[str, nn.Module]:
     return nets
 
 
-def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | None = None,
+def class_index(cfg: Config, label: str | int) -> int:
+    """`--label`: a class index, or a class name from the classes.json beside the run's shards."""
+    if isinstance(label, int) or label.lstrip("-").isdigit():
+        return int(label)
+    names = class_names(cfg.data.shards)
+    if names is None:
+        raise ConfigError(f"--label {label!r}: there is no classes.json beside the run's shards ({cfg.data.shards}) to "
+                          f"name classes by (gannet shards images writes one); give the class index")
+    if label not in names:
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+        raise ConfigError(f"--label {label!r} is not one of this run's {len(names)} classes ({shown})")
+    return names.index(label)
+
+
+def class_names(shards: str) -> list[str] | None:
+    """Class names by index from classes.json in the folder (or under the prefix) of the first shard, or None."""
+    first = expand_urls(shards)[0]
+    try:
+        if remote.is_remote(first):
+            with remote.open_shard(f"{remote.parent(first)}/classes.json", remote.RetryPolicy(retries=1)) as f:
+                return list(json.loads(f.read())["classes"])
+        path = Path(first).parent / "classes.json"
+        return list(json.loads(path.read_text())["classes"]) if path.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: str | int | None = None,
                 texts: list[str] | None = None, interpolate: int = 8, raw: bool = False) -> Path:
     """A PNG grid from the run's latest checkpoint: the run's own prompts/classes by default; one
     class (`label`) for a conditional GAN; one caption, or an interpolation between two captions
@@ -57,6 +86,7 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
                           f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
     if label is not None and recipe.condition != "label":
         raise GannetError(f"--label needs a class-conditional run (recipe cgan); {run_dir} is {cfg.recipe.name}")
+    label = None if label is None else class_index(cfg, label)
     if texts and recipe.condition != "text":
         raise GannetError(f"--text needs a text-to-image run (recipe t2i); {run_dir} is {cfg.recipe.name}")
     if texts and len(texts) > 2:

@@ -39,6 +39,8 @@ from gannet.trainer.config.schema import Config
 log = logging.getLogger("gannet")
 
 GROUPS = ("train", "eval", "perf", "data", "samples")  # metric key prefixes, each plotted against `step`
+# on the progress line beside the losses: the step's speed, its wait for data, the loader's capacity
+PROGRESS_SPEED = {"perf/images_per_s": "img/s", "data/wait_ms": "wait_ms", "data/loader_images_per_s": "loader_img/s"}
 INIT_TIMEOUT_S = 30.0  # an online run that cannot reach its server by then goes offline
 FINISH_TIMEOUT_S = 60.0  # longest the end of training waits for W&B (a server that went away, say)
 
@@ -129,10 +131,11 @@ class Tracker:
         self._send(step, metrics)
         self._send(step, {k: Media("histogram", np.asarray(v, dtype=np.float32)) for k, v in (histograms or {}).items()})
         short = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("train/") and not k.startswith("train/lr")}
+        speed = {name: f"{metrics[k]:.0f}" for k, name in PROGRESS_SPEED.items() if k in metrics}  # is the loader keeping up?
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in short.items()}, refresh=False)
+            self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in short.items()}, **speed}, refresh=False)
         else:
-            log.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in short.items()))
+            log.info("step %d  %s", step, "  ".join([*(f"{k} {v:.4f}" for k, v in short.items()), *(f"{k} {v}" for k, v in speed.items())]))
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
