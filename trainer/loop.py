@@ -11,14 +11,13 @@ move between processes is the engine's (gannet.trainer.engine.distributed).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
+from accelerate.utils import set_seed
 
 from gannet.trainer.checkpoint.store import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gannet.trainer.config.loader import config_to_dict
@@ -122,9 +121,9 @@ def fixed_grid(cfg: Config, job: Job) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Python's, NumPy's and torch's RNGs (every device's) through Accelerate's `set_seed`; NumPy takes
+    seeds below 2**32 only, so a larger or negative `seed` is folded into that range for all three."""
+    set_seed(seed % 2**32)
 
 
 def restore(cfg: Config, job: Job, checkpoint: Path | None) -> tuple[int, dict | None]:
