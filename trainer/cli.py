@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
+from gannet import __version__
 from gannet.trainer.config.loader import config_names
 from gannet.trainer.errors import ConfigError, GannetError
 
@@ -37,6 +38,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         prog="gannet", description="Train GANs from YAML configs on a CPU, one GPU or many (Accelerate DDP or DeepSpeed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gannet {__version__}", help="print gannet's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config", description=(

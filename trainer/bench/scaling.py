@@ -34,8 +34,9 @@ from gannet.trainer.tracking.tracker import read_metrics
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
               "zero2": ["train.strategy=deepspeed", "optim.g.zero_stage=2", "optim.d.zero_stage=2"],
               "zero3": ["train.strategy=deepspeed", "optim.g.zero_stage=3", "optim.d.zero_stage=3"]}
-# ZeRO buffers that hold gradients or fp32 master weights, by DeepSpeed's attribute names (stage 1/2 and 3)
-DS_GRAD_ATTRS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer", "ipg_buffer")
+# ZeRO buffers that hold gradients or fp32 master weights, by DeepSpeed's attribute names (stage 1/2 and 3;
+# tests/test_packaging.py checks that the installed DeepSpeed still sets each)
+DS_GRAD_ATTRS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer")
 DS_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 
 
