@@ -47,7 +47,7 @@ test: $(STAMP)
 # eager fp32 references (CycleGAN 256 px, DCGAN/LSGAN batch 64) and the loader: runs/bench-gpu.json.
 bench-gpu: $(STAMP)
 	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 240 $(BIN)/python -m pytest -q -rs -m gpu tests/test_speed.py
-	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 330 $(BIN)/gannet bench --speed --steps 20 --loader-seconds 10 --out runs/bench-gpu.json
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 330 $(BIN)/gannet bench speed --steps 20 --loader-s 10 --out runs/bench-gpu.json
 
 clean:
 	rm -rf runs data

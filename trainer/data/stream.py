@@ -231,7 +231,7 @@ class ShardStream(IterableDataset):
         epoch, skip = self.position.epochs[worker], self.position.consumed[worker]
         counters = _WorkerCounters()
         reads = remote.ReadStats()  # retries happen in this worker; the count travels with each batch
-        policy = remote.RetryPolicy(self.cfg.retries, self.cfg.retry_backoff)
+        policy = remote.RetryPolicy(self.cfg.retries, self.cfg.retry_backoff_s)
         encoder = SentenceEncoder(self.cfg.text_encoder) if self.cfg.text_encoder else None
 
         def on_error(exn: Exception) -> bool:
@@ -388,7 +388,7 @@ B_SEED_OFFSET = 7_777_777  # stream B's seed: apart from A's, so the two are shu
 def stream_urls(cfg: DataConfig) -> list[list[str]]:
     """Shard URLs of each stream: [A], or [A, B] when `data.shards_b` is set. Called before any
     process group exists, so a wrong path fails at once."""
-    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff)
+    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff_s)
     return [expand_urls(pattern, policy) for pattern in (cfg.shards, cfg.shards_b) if pattern]
 
 
