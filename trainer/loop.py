@@ -20,7 +20,8 @@ import yaml
 from accelerate.utils import set_seed
 
 from gannet.trainer.checkpoint.store import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gannet.trainer.config.loader import config_to_dict
+from gannet.trainer.config.loader import config_from_dict, config_to_dict
+from gannet.trainer.config.resume import check_resumable
 from gannet.trainer.config.schema import Config
 from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
 from gannet.trainer.engine import fast, preemption
@@ -88,14 +89,27 @@ def train(cfg: Config) -> Path:
 # -- before the loop -------------------------------------------------------------------------------
 
 def resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to continue from (resume=auto), or None; refuses to overwrite a run by accident."""
+    """The checkpoint to continue from (resume=auto), or None; refuses to overwrite a run by accident,
+    and to continue one under a config that changes what its checkpoints were trained with."""
     latest = latest_checkpoint(cfg.run_path)
     if cfg.resume == "never" and latest is not None:
         raise ConfigError(
             f"{cfg.run_path} already holds checkpoints (latest {latest.name}); add resume=auto to "
             f"continue it, or choose another run_dir=... or name=..."
         )
+    if cfg.resume == "auto" and latest is not None and (cfg.run_path / "config.yaml").is_file():
+        check_resumable(saved_config(cfg.run_path / "config.yaml"), config_to_dict(cfg), str(cfg.run_path))
     return latest if cfg.resume == "auto" else None
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as plain data, with today's defaults filled in where it loads (a run from
+    an older gannet may not: then as written)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return config_to_dict(config_from_dict(raw))
+    except ConfigError:
+        return raw
 
 
 def open_run_dir(cfg: Config, engine: Engine) -> None:
