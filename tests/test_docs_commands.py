@@ -1,5 +1,5 @@
-"""The docs cannot rot: every `gannet ...` command line in README.md and docs/*.md goes through the
-real argument parser, and every `gannet train ...` line through `--dry-run` (in this process: the
+"""The docs cannot rot: every `gannet ...` command line in README.md and docs/*.md (and the Makefile's
+recipes) goes through the real argument parser, and every `gannet train ...` line through `--dry-run` (in this process: the
 config loads, its keys and values are checked, `auto` resolves), so a renamed flag, command, config
 or config key fails here with the file and line.
 
@@ -209,7 +209,18 @@ def page_configs(path: Path, folder: Path) -> dict[str, Path]:
     return found
 
 
-ALL = [command for doc in DOCS for command in command_lines(doc)]
+def makefile_lines(path: Path) -> list[Command]:
+    """The Makefile's recipe lines that run `$(BIN)/gannet` (its variables, e.g. $(CONFIG), are placeholders)."""
+    found = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split()
+        starts = [i for i, word in enumerate(words) if word.endswith("/gannet")]
+        if line.startswith("\t") and starts:
+            found.append(Command(path.name, number, line.strip(), words[starts[0] + 1:], env=False, inline=False))
+    return found
+
+
+ALL = [command for doc in DOCS for command in command_lines(doc)] + makefile_lines(REPO / "Makefile")
 
 
 @pytest.mark.parametrize("command", ALL, ids=[c.id for c in ALL])
@@ -281,3 +292,4 @@ def test_a_renamed_flag_or_command_is_caught(line, problem):
 def test_the_docs_hold_commands_and_train_lines():
     """The collector is not silently empty: the README's own quick start is in it."""
     assert len(ALL) >= 20 and sum(c.args[:1] == ["train"] for c in ALL) >= 5
+    assert any(c.doc == "Makefile" and c.args[:2] == ["bench", "speed"] for c in ALL)  # make bench-gpu's command
