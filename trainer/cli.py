@@ -68,7 +68,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a config", description=(
         f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(config_names())}). "
         "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
-    p.add_argument("config", nargs="?", help=f"YAML file or config name, e.g. {DEFAULT_CONFIG}")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help=f"YAML file or config name, e.g. {DEFAULT_CONFIG}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
     p.add_argument("--dry-run", action="store_true", help=(
         "print the resolved config (YAML) and what each `auto` setting chooses on this machine, then exit "
@@ -81,7 +81,7 @@ def add_resume_parser(sub: argparse._SubParsersAction) -> None:
         "change mid-run (train.steps, logging, sampling and checkpoint cadence, eval.*, log.*); a change to the "
         "networks, recipe, data or optimizers is refused, naming the keys."))
     p.add_argument("run_dir", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=5000 to extend the run")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.steps=5000 to extend the run")
 
 
 def add_shards_parser(sub: argparse._SubParsersAction) -> None:
@@ -172,9 +172,9 @@ def _bench_mode(modes: argparse._SubParsersAction, name: str) -> argparse.Argume
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("config", nargs=None if required else "?", default=None if required else DEFAULT_CONFIG,
+    p.add_argument("config", nargs=None if required else "?", default=None if required else DEFAULT_CONFIG, metavar="CONFIG",
                    help="config to measure" + ("" if required else f" (default {DEFAULT_CONFIG})"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for gannet train")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, as for gannet train")
 
 
 def add_bench_scaling_parser(modes: argparse._SubParsersAction) -> None:
@@ -207,7 +207,7 @@ def add_bench_step_parser(modes: argparse._SubParsersAction) -> None:
 
 def add_bench_loader_parser(modes: argparse._SubParsersAction) -> None:
     p = _bench_mode(modes, "loader")
-    p.add_argument("words", nargs="*", metavar="[CONFIG] [SHARDS ...] [key=value ...]", help=(
+    p.add_argument("words", nargs="*", metavar="CONFIG|SHARDS|key=value", help=(
         f"the config (default {DEFAULT_CONFIG}; its data.shards is timed first), other shard sources to time beside "
         "it (a folder pattern, s3://BUCKET/PREFIX/, an http(s):// brace pattern), and config overrides"))
     p.add_argument("--steps", type=int, default=60, help="batches timed per source (default 60)")
