@@ -1,7 +1,8 @@
-"""The docs cannot rot: every `gannet ...` command line in README.md and docs/*.md (and the Makefile's
-recipes) goes through the real argument parser, and every `gannet train ...` line through `--dry-run` (in this process: the
-config loads, its keys and values are checked, `auto` resolves), so a renamed flag, command, config
-or config key fails here with the file and line.
+"""The docs cannot rot: every `gannet ...` command line in README.md and docs/*.md (and in the
+Makefile's recipes and the examples `gannet --help` prints) goes through the real argument parser,
+and every `gannet train ...` line through `--dry-run` (in this process: the config loads, its keys
+and values are checked, `auto` resolves), so a renamed flag, command, config or config key fails
+here with the file and line.
 
 What counts as a command line:
 - in a fenced block (not python/yaml/json/toml): each line that runs `gannet` (`gannet ...`,
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from gannet.trainer.cli import build_parser, parse
+from gannet.trainer.cli import EPILOG, build_parser, parse
 from gannet.trainer.cli import main as cli_main
 from gannet.trainer.config.loader import load_config
 from tests.conftest import REPO
@@ -203,6 +204,8 @@ def documented_error_matches(documented: str, actual: str) -> bool:
 def page_configs(path: Path, folder: Path) -> dict[str, Path]:
     """Configs a page defines: YAML blocks whose first line is `# configs/NAME.yaml`, written to `folder`."""
     found = {}
+    if not path.is_file():  # the examples of `gannet --help`
+        return found
     for name, body in re.findall(r"```yaml\n# configs/(\w+)\.yaml\n(.*?)```", path.read_text(), flags=re.S):
         found[name] = folder / f"{name}.yaml"
         found[name].write_text(body)
@@ -220,7 +223,8 @@ def makefile_lines(path: Path) -> list[Command]:
     return found
 
 
-ALL = [command for doc in DOCS for command in command_lines(doc)] + makefile_lines(REPO / "Makefile")
+ALL = [command for doc in DOCS for command in command_lines(doc)] + makefile_lines(REPO / "Makefile") \
+    + block_commands("gannet --help", 2, EPILOG.splitlines()[1:])  # the examples `gannet --help` prints
 
 
 @pytest.mark.parametrize("command", ALL, ids=[c.id for c in ALL])
@@ -293,3 +297,4 @@ def test_the_docs_hold_commands_and_train_lines():
     """The collector is not silently empty: the README's own quick start is in it."""
     assert len(ALL) >= 20 and sum(c.args[:1] == ["train"] for c in ALL) >= 5
     assert any(c.doc == "Makefile" and c.args[:2] == ["bench", "speed"] for c in ALL)  # make bench-gpu's command
+    assert sum(c.doc == "gannet --help" for c in ALL) >= 10
