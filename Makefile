@@ -14,7 +14,7 @@ CONFIG ?= sngan_mnist
 DATA_cyclegan_silhouettes := $(SILHOUETTES)
 DATA = $(or $(DATA_$(CONFIG)),$(MNIST))
 
-.PHONY: install train test shards clean bench-gpu
+.PHONY: install train test shards clean clean-runs clean-data bench-gpu
 
 install: $(STAMP)
 
@@ -47,7 +47,23 @@ test: $(STAMP)
 # eager fp32 references (CycleGAN 256 px, DCGAN/LSGAN batch 64) and the loader: runs/bench-gpu.json.
 bench-gpu: $(STAMP)
 	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 240 $(BIN)/python -m pytest -q -rs -m gpu tests/test_speed.py
-	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 330 $(BIN)/gannet bench --speed --steps 20 --loader-seconds 10 --out runs/bench-gpu.json
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} timeout 330 $(BIN)/gannet bench speed --steps 20 --loader-s 10 --out runs/bench-gpu.json
 
+# Build artefacts and caches only; runs and data are results, removed only when asked (below).
+CLEANED := build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 clean:
-	rm -rf runs data
+	@found="$(wildcard $(CLEANED))"; caches=$$(find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print); \
+	rm -rf $$found $$caches; \
+	if [ -z "$$found$$caches" ]; then echo "make clean: no build artefacts or caches here"; \
+	else echo "make clean: removed $$found$${caches:+$${found:+ and} $$(echo "$$caches" | wc -l) __pycache__ folder(s)}"; fi; \
+	echo "make clean: kept runs/ (make clean-runs), data/ (make clean-data) and $(VENV)/"
+
+# Every run under runs/ (checkpoints, samples, logs, W&B files): gone for good.
+clean-runs:
+	@if [ -d runs ]; then echo "make clean-runs: removing runs/: $$(ls runs | tr '\n' ' ')"; rm -rf runs; \
+	else echo "make clean-runs: no runs/ here"; fi
+
+# The shards under data/ (`make train` writes them again) and the evaluation features cached beside them.
+clean-data:
+	@if [ -d data ]; then echo "make clean-data: removing data/: $$(ls data | tr '\n' ' ')"; rm -rf data; \
+	else echo "make clean-data: no data/ here"; fi

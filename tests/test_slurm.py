@@ -72,13 +72,13 @@ def job_log(run: Path) -> str:
 
 
 def cpu_job(shards: Path, run: Path, *args: str, **overrides: object) -> list[str]:
-    return submit("lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time", "10", *args,
+    return submit("lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time-s", "600", *args,
                   *tiny_overrides(shards, run, **overrides))
 
 
 def test_two_node_job_trains_lsgan_to_the_end(cluster, small_shards, tmp_path):
     run = tmp_path / "run"
-    jobs = submit("lsgan_mnist", "--nodes", "2", "--gpus-per-node", "0", "--time", "10",
+    jobs = submit("lsgan_mnist", "--nodes", "2", "--gpus-per-node", "0", "--time-s", "600",
                   *tiny_overrides(small_shards, run, **{"train.steps": 20, "train.checkpoint_every": 10, "train.sample_every": 20}))
     wait(cluster, run, jobs)
     final = run / "checkpoints" / "step-00000020"
@@ -134,7 +134,7 @@ def test_sweep_array_finishes_every_job(cluster, small_shards, tmp_path):
 def test_dry_run_and_sbatch_script_need_no_cluster(small_shards, tmp_path):
     run = tmp_path / "run"
     args = ["lsgan_mnist", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj",
-            "--time", "1-00:00:00", "--mem", "64G", "--cpus-per-task", "6", *tiny_overrides(small_shards, run)]
+            "--time-s", "86400", "--mem", "64G", "--cpus-per-task", "6", *tiny_overrides(small_shards, run)]
     out = gannet("slurm", *args, "--sweep", "seed=1,2,3", "--dry-run").stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj", "#SBATCH --time=1440", "#SBATCH --mem=64G", "#SBATCH --cpus-per-task=6",
@@ -153,14 +153,18 @@ def test_dry_run_and_sbatch_script_need_no_cluster(small_shards, tmp_path):
 
     bad = gannet("slurm", "lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "train.stepz=5", "--dry-run", check=False)
     assert bad.returncode == 2 and "unknown key 'train.stepz'" in bad.stderr
-    bad = gannet("slurm", "lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time", "1h", "--dry-run", check=False)
-    assert bad.returncode == 2 and "--time='1h'" in bad.stderr
+    bad = gannet("slurm", "lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time-s", "1h", "--dry-run", check=False)
+    assert bad.returncode == 2 and "argument --time-s: invalid int value: '1h'" in bad.stderr
+    bad = gannet("slurm", "lsgan_mnist", "--nodes", "1", "--gpus-per-node", "0", "--time-s", "61", "--signal-delay-s", "90",
+                 "--dry-run", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("gannet: error: --signal-delay-s=90 must be shorter than --time-s=61: "
+                                                         "Slurm's warning comes that long before the time limit")
 
 
 @pytest.mark.slow  # ~25 s more; `make test` checks the script's text above (test time is scarce)
 def test_plain_sbatch_script_trains_on_two_nodes(cluster, small_shards, tmp_path):
     run, script = tmp_path / "run", tmp_path / "job.sh"
-    gannet("slurm", "lsgan_mnist", "--nodes", "2", "--gpus-per-node", "0", "--time", "10", "--sbatch", str(script),
+    gannet("slurm", "lsgan_mnist", "--nodes", "2", "--gpus-per-node", "0", "--time-s", "600", "--sbatch", str(script),
            *tiny_overrides(small_shards, run, **{"train.steps": 10, "train.checkpoint_every": 10, "train.sample_every": 10}))
     out = subprocess.run(["sbatch", "--parsable", str(script)], env=cluster.env, capture_output=True, text=True, check=True)
     wait(cluster, run, [out.stdout.strip()])

@@ -150,7 +150,7 @@ def test_dcgan_reference_step_computes_what_gannet_computes_in_fp32(small_shards
 def test_speed_bench_reports_speedup_and_loader_ratio_per_model(tmp_path):
     out = tmp_path / "speed.json"
     small = ["model.g_width=4", "model.d_width=4", "data.image_size=64", "data.load_size=72"]  # both models, small and fast
-    result = gannet("bench", "--speed", "--steps", "1", "--loader-seconds", "0.5", *small, "--out", str(out))
+    result = gannet("bench", "speed", "--steps", "1", "--loader-s", "0.5", *small, "--out", str(out))
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"cyclegan_256", "dcgan_lsgan_mnist"}
     for name, row in report["models"].items():

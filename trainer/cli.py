@@ -9,27 +9,34 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
+from gannet import __version__
 from gannet.trainer.config.loader import config_names
+from gannet.trainer.config.schema import Config
 from gannet.trainer.errors import ConfigError, GannetError
 
-EPILOG = """examples:
+DEFAULT_CONFIG = "sngan_mnist"  # what `make train` trains; `gannet bench`'s default config too
+
+EPILOG = f"""examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
-  gannet train lsgan_mnist                        # configs/lsgan_mnist.yaml
+  gannet train {DEFAULT_CONFIG}                        # configs/{DEFAULT_CONFIG}.yaml, the default
+  gannet train {DEFAULT_CONFIG} --dry-run              # the resolved config and what each `auto` picks here
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
-  gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
-  gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
-  gannet sample runs/lsgan_mnist --out grid.png
+  gannet train {DEFAULT_CONFIG} resume=auto            # continue runs/{DEFAULT_CONFIG} exactly
+  gannet train {DEFAULT_CONFIG} data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
+  gannet sample runs/{DEFAULT_CONFIG} --out grid.png
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet shards images photos/ --out data/photos --size 64   # your own folder: one subfolder per class
   gannet sample runs/my_photos --label tulip --out tulips.png  # a class by its folder's name
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
-  accelerate launch -m gannet train lsgan_mnist  # same code, many processes
+  gannet bench scaling --processes 1 2            # images/s on 1 vs 2 processes
+  accelerate launch -m gannet train {DEFAULT_CONFIG}   # same code, many processes
 """
 
 
@@ -39,18 +46,47 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         prog="gannet", description="Train GANs from YAML configs on a CPU, one GPU or many (Accelerate DDP or DeepSpeed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"gannet {__version__}", help="print gannet's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (gannet COMMAND --help)")
+    for add in (add_train_parser, add_resume_parser, add_shards_parser, add_sample_parser, add_eval_parser, add_bench_parser,
+                add_verify_parser):
+        add(sub)
+    return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; key=value words after options (`gannet slurm CONFIG --nodes 2 train.steps=100`)
+    join the command's overrides. The docs' command lines go through here too (tests/test_docs_commands.py)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        words = next((name for name in ("overrides", "words") if hasattr(args, name)), None)  # `words`: bench loader's
+        if words is None or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, words, getattr(args, words) + extra)
+    return args
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a config", description=(
         f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(config_names())}). "
         "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
-    p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help=f"YAML file or config name, e.g. {DEFAULT_CONFIG}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
+    p.add_argument("--dry-run", action="store_true", help=(
+        "print the resolved config (YAML) and what each `auto` setting chooses on this machine, then exit "
+        "without creating anything"))
 
-    p = sub.add_parser("resume", help="continue a run directory exactly", description="Continue RUN_DIR from its latest checkpoint, with its saved config.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=5000 to extend the run")
 
+def add_resume_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resume", help="continue a run directory exactly", description=(
+        "Continue RUN_DIR from its latest checkpoint, with its saved config. Overrides may change what is safe to "
+        "change mid-run (train.steps, logging, sampling and checkpoint cadence, eval.*, log.*); a change to the "
+        "networks, recipe, data or optimizers is refused, naming the keys."))
+    p.add_argument("run_dir", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.steps=5000 to extend the run")
+
+
+def add_shards_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write WebDataset shards", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Write WebDataset tar shards (image + cls + txt captions) for training.", epilog="""kinds:
   mnist                      the 5,000 bundled real digits (or IDX files: --images/--labels), with captions
@@ -62,7 +98,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
   coco CAPTIONS.json --images DIR    COCO captions (captions_train2017.json) and its image folder
   images DIR --size N        your own photos, any format and size -> N x N: one subfolder per class
                              (classes.json beside the shards), StyleGAN's dataset.json, or no labels""")
-    p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco", "images"])
+    p.add_argument("kind", choices=["mnist", "silhouettes", "unpaired", "captions", "cub", "coco", "images"],
+                   help="what to convert (the kinds below)")
     p.add_argument("source", nargs="?", type=Path, help="the folder (captions, cub, images) or captions JSON (coco)")
     p.add_argument("--out", required=True, help=("output folder, or an object store prefix s3://BUCKET/PREFIX/ "
                                                  "(train-*.tar, val-*.tar; a-*.tar, b-*.tar for unpaired data)"))
@@ -74,7 +111,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--b", type=Path, help="unpaired: folder of domain B images (e.g. trainB/)")
     p.add_argument("--holdout", type=int, help=("samples held out: val-*.tar for mnist (default 500), captions/cub/coco "
                                                "(default 0), images (default 0); testA/ testB/ for silhouettes (default 100)"))
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting (default 0)")
     g = p.add_argument_group("images")
     g.add_argument("--size", type=int, help="side of the square images written, in pixels (e.g. 256)")
     g.add_argument("--transform", default="center-crop", help=("center-crop (default) | center-crop-wide (a 2:1 band "
@@ -86,15 +123,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     g.add_argument("--background", default="black", help="fills transparent pixels and pad bars (a colour name or #rrggbb)")
     g.add_argument("--workers", type=int, default=1, help="processes that decode and encode (default 1; the bytes are the same for any)")
 
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
         "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
         "in --input into the folder --out (--direction AtoB or BtoA)."))
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the run directory to draw from")
     p.add_argument("--out", type=Path, required=True, help="PNG path (a folder with --direction)")
     p.add_argument("--direction", choices=["AtoB", "BtoA"], help="translate --input with this generator (CycleGAN)")
     p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--label", help=("class to draw (class-conditional runs, recipe cgan): its index, or its name in the "
                                      "classes.json beside the run's shards (gannet shards images writes it)"))
     p.add_argument("--text", action="append", metavar="CAPTION",
@@ -103,57 +142,108 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                    help="columns of an interpolation grid from the first --text to the second (default 8)")
     p.add_argument("--raw", action="store_true", help="draw from the trained G, not its average (runs with recipe.ema_kimg > 0)")
 
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID/KID, precision/recall, memorization, equilibrium", description=(
         "Evaluate RUN_DIR's latest checkpoint offline: FID/KID and precision/recall in the features of a digit "
         "classifier trained on the run's shards (cached beside them), class coverage, a nearest-neighbour "
         "memorization check against held-out images, and the equilibrium report. Writes RUN_DIR/eval/."))
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the run directory to score")
     p.add_argument("--n", type=int, help="generated samples (default: the run's eval.samples, 1000)")
     p.add_argument("--heldout", help="held-out real shards (default: the run's eval.heldout, else val-*.tar beside the training shards)")
     p.add_argument("--steps", default="latest", help="checkpoints to score: latest (default), all, or e.g. 1000,2000")
     p.add_argument("--raw", action="store_true", help="score the trained G, not its average (runs with recipe.ema_kimg > 0)")
 
-    add_bench_parser(sub)
-    add_verify_parser(sub)
-    return parser, {**COMMANDS, **add_plugin_commands(sub)}
+
+# `gannet bench MODE`: each mode's one-line summary (its help, and the list `gannet bench` prints)
+BENCH_MODES = {
+    "scaling": "images/s of real `gannet train` runs on 1 vs N processes (cores shared out equally)",
+    "memory": "per-rank bytes of parameters, gradients, Adam state and ZeRO masters under DDP and ZeRO-1/2/3",
+    "speed": "gannet's default step vs a plain eager fp32 reference step (CycleGAN 256 px, DCGAN 28 px), and the "
+             "loader vs what the step consumes",
+    "step": "CONFIG's CycleGAN training step on the engine vs a plain eager re-implementation of the reference step",
+    "loader": "the data loader alone on data.shards and on each SHARDS given (e.g. s3://BUCKET/PREFIX/), in turns",
+}
+
+
+def bench_modes_text() -> str:
+    return "modes (gannet bench MODE --help):\n" + "".join(f"  {mode:8} {text}\n" for mode, text in BENCH_MODES.items())
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    """`gannet bench`: its tables, and the alternatives (--reference-step, --loader, --speed)."""
-    p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
-        "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
-        "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
-    p.add_argument("config", nargs="?", default="lsgan_mnist", help="config to measure (default lsgan_mnist)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
-    p.add_argument("--world", type=int, default=2, help="processes for the memory table (default 2)")
-    p.add_argument("--steps", type=int, help="training steps per timing run (default 60; with --speed, 5 timed steps each)")
-    p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"],
-                   choices=["ddp", "zero1", "zero2", "zero3"], help="the first is the reference")
-    p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report (default runs/bench.json)")
-    p.add_argument("--reference-step", action="store_true", help=(
-        "instead: time CONFIG's CycleGAN training step on the engine against a plain eager re-implementation "
-        "of the reference step, in this process (e.g. gannet bench cyclegan_256 --reference-step --steps 5)"))
-    p.add_argument("--loader", nargs="*", metavar="SHARDS", help=(
-        "instead: time the data loader alone on data.shards and on each SHARDS given (e.g. an s3://BUCKET/PREFIX/), "
-        "--steps batches each, in turns"))
-    p.add_argument("--speed", action="store_true", help=(
-        "instead: gannet's default step against a plain eager fp32 reference step (CycleGAN 256 px batch 1; "
-        "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
-        "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
-    p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
+    """`gannet bench MODE`: one subcommand per measurement, each against a reference from the same run."""
+    p = sub.add_parser("bench", help="measure speed, scaling and per-rank memory", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Measure gannet against references taken in the same run; prints a table and writes JSON.",
+                       epilog=bench_modes_text())
+    modes = p.add_subparsers(dest="mode", metavar="MODE", help="what to measure (the modes below)")
+    for add in (add_bench_scaling_parser, add_bench_memory_parser, add_bench_speed_parser, add_bench_step_parser,
+                add_bench_loader_parser):
+        add(modes)
+
+
+def _bench_mode(modes: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """A bench mode's parser, with the option every mode takes (--out)."""
+    p = modes.add_parser(name, help=BENCH_MODES[name], description=BENCH_MODES[name][0].upper() + BENCH_MODES[name][1:] + ".")
+    p.add_argument("--out", type=Path, default=Path(f"runs/bench-{name}.json"), help=f"JSON report (default runs/bench-{name}.json)")
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("config", nargs=None if required else "?", default=None if required else DEFAULT_CONFIG, metavar="CONFIG",
+                   help="config to measure" + ("" if required else f" (default {DEFAULT_CONFIG})"))
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, as for gannet train")
+
+
+def add_bench_scaling_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "scaling")
+    _config_args(p)
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time; the first is the reference (default 1 2)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per timed run; images/s over the second half (default 60)")
+
+
+def add_bench_memory_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "memory")
+    _config_args(p)
+    p.add_argument("--world", type=int, default=2, help="processes the networks are partitioned over (default 2)")
+    p.add_argument("--strategies", nargs="+", default=["ddp", "zero1", "zero2", "zero3"], choices=["ddp", "zero1", "zero2", "zero3"],
+                   help="strategies to measure; the first is the reference (default ddp zero1 zero2 zero3)")
+
+
+def add_bench_speed_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "speed")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to both models")
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each side, in turns; the median is reported (default 5)")
+    p.add_argument("--loader-s", type=float, default=10.0, help="seconds the loader alone is timed, per model (default 10)")
+
+
+def add_bench_step_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "step")
+    _config_args(p, required=True)
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each side, in turns; the median is reported (default 5)")
+
+
+def add_bench_loader_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "loader")
+    p.add_argument("words", nargs="*", metavar="CONFIG|SHARDS|key=value", help=(
+        f"the config (default {DEFAULT_CONFIG}; its data.shards is timed first), other shard sources to time beside "
+        "it (a folder pattern, s3://BUCKET/PREFIX/, an http(s):// brace pattern), and config overrides"))
+    p.add_argument("--steps", type=int, default=60, help="batches timed per source (default 60)")
     p.add_argument("--sizes", type=int, nargs="+", metavar="PX", help=(
-        "with --loader: the loader at these sizes (e.g. 64 128 256) on JPEG shards it writes itself, against plain "
+        "instead: the loader at these sizes (e.g. 64 128 256) on JPEG shards it writes itself, against plain "
         "Pillow decoding of the same bytes, with 1 and 2 workers; draft mode 512 -> 256; conversion with 1 and 2 workers"))
+
+
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a run's checkpoints against their manifests", description=(
+        "Check every checkpoint of RUN_DIR against its manifest (each file's size and sha256): one line per "
+        "checkpoint, ok or what is damaged. Exit 0 if none is damaged, 1 if any is, 2 if RUN_DIR is not a run. "
+        "Checkpoints from gannet versions without manifests are listed as unverified."))
+    p.add_argument("run_dir", type=Path, help="the run directory to check")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # overrides after options: gannet slurm CONFIG --nodes 2 --gpus-per-node 8 train.steps=100
-        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides += extra
+    args = parse(parser, argv)
     prepare_process()
     try:
         return commands[args.command](args)
@@ -197,9 +287,20 @@ def _cuda_present() -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gannet.trainer.config.loader import load_config
+
+    if args.config is None:
+        raise ConfigError(f"gannet train needs a CONFIG: one of {', '.join(config_names())} (configs/), or a YAML file; "
+                          f"key=value overrides are optional. E.g. gannet train {DEFAULT_CONFIG}, or gannet train "
+                          f"{DEFAULT_CONFIG} train.steps=500 --dry-run to see what it would do")
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from gannet.trainer.dry_run import dry_run
+
+        print(dry_run(cfg))
+        return 0
     from gannet.trainer.loop import train
 
-    train(load_config(args.config, args.overrides))
+    train(cfg)
     return 0
 
 
@@ -323,44 +424,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gannet.trainer.bench.scaling import run_bench
+    """`gannet bench` alone lists the modes; each mode's handler checks the config before anything starts."""
+    if args.mode is None:
+        print(bench_modes_text(), end="")
+        return 0
+    return BENCH_COMMANDS[args.mode](args)
+
+
+def _bench_config(args: argparse.Namespace) -> Config:
+    """Load the config once here, so a bad key fails at once and not inside a launched process. A
+    key=value given where CONFIG goes (`gannet bench scaling train.steps=5`) is an override."""
     from gannet.trainer.config.loader import load_config
 
-    if args.loader:  # `--loader s3://b/p/ data.batch_size=32`: key=value words after --loader are overrides
-        import re
+    if "=" in args.config:
+        args.config, args.overrides = DEFAULT_CONFIG, [args.config, *args.overrides]
+    return load_config(args.config, args.overrides)
 
-        overrides = [item for item in args.loader if re.match(r"^[A-Za-z_][\w.]*=", item)]
-        args.loader = [item for item in args.loader if item not in overrides]
-        args.overrides = [*args.overrides, *overrides]
-    if args.speed:
-        from gannet.trainer.bench.speed import MODELS, speed_bench
 
-        for config in MODELS.values():  # a bad key fails here, not inside a launched process
-            load_config(config, args.overrides)
-        speed_bench(args.overrides, steps=args.steps or 5, seconds=args.loader_seconds, out=args.out)
-        return 0
-    cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
-    args.steps = args.steps or 60
-    if args.loader is not None and args.sizes:
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from gannet.trainer.bench.scaling import scaling_bench
+
+    _bench_config(args)
+    scaling_bench(args.config, args.overrides, processes=args.processes, steps=args.steps, out=args.out)
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from gannet.trainer.bench.scaling import memory_bench
+
+    _bench_config(args)
+    memory_bench(args.config, args.overrides, world=args.world, strategies=args.strategies, out=args.out)
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from gannet.trainer.bench.speed import MODELS, speed_bench
+    from gannet.trainer.config.loader import load_config
+
+    for config in MODELS.values():  # a bad key fails here, not inside a launched process
+        load_config(config, args.overrides)
+    speed_bench(args.overrides, steps=args.steps, seconds=args.loader_s, out=args.out)
+    return 0
+
+
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from gannet.trainer.bench.step import cyclegan_step_bench
+
+    cfg = _bench_config(args)
+    if cfg.recipe.name != "cyclegan":
+        raise ConfigError(f"gannet bench step times the CycleGAN step against its reference; {args.config} is {cfg.recipe.name}")
+    cyclegan_step_bench(args.config, args.overrides, steps=args.steps, out=args.out)
+    return 0
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    """`gannet bench loader [CONFIG] [SHARDS ...] [key=value ...]`: the first word is CONFIG when it
+    names a config (bundled or a YAML file); key=value words are overrides, the rest shard sources."""
+    from gannet.trainer.bench.loader import loader_bench
+    from gannet.trainer.config.loader import load_config
+
+    words, config = args.words, DEFAULT_CONFIG
+    if words and "=" not in words[0] and (words[0] in config_names() or words[0].endswith((".yaml", ".yml"))):
+        config, words = words[0], words[1:]
+    overrides = [w for w in words if re.match(r"^[A-Za-z_][\w.]*=", w)]
+    cfg = load_config(config, overrides)
+    if args.sizes:
         from gannet.trainer.bench.loader import resolution_bench
 
         resolution_bench(cfg.data, args.sizes, out=args.out)
         return 0
-    if args.loader is not None:
-        from gannet.trainer.bench.loader import loader_bench
-
-        loader_bench(cfg.data, args.loader, batches=args.steps, out=args.out)
-        return 0
-    if args.reference_step:
-        from gannet.trainer.bench.step import cyclegan_step_bench
-
-        if cfg.recipe.name != "cyclegan":
-            raise ConfigError(f"--reference-step times the CycleGAN step against its reference; {args.config} is {cfg.recipe.name}")
-        cyclegan_step_bench(args.config, args.overrides, steps=args.steps, out=args.out)
-        return 0
-    run_bench(args.config, args.overrides, processes=args.processes, world=args.world, steps=args.steps,
-              strategies=args.strategies, out=args.out)
+    loader_bench(cfg.data, [w for w in words if w not in overrides], batches=args.steps, out=args.out)
     return 0
+
+
+BENCH_COMMANDS = {"scaling": cmd_bench_scaling, "memory": cmd_bench_memory, "speed": cmd_bench_speed, "step": cmd_bench_step,
+                  "loader": cmd_bench_loader}
 
 
 def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -368,14 +506,6 @@ def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[
     from gannet's own launch package): each entry point is a function that adds its subparser to
     `sub` and returns the handler. Training code thus never imports its launchers."""
     return {ep.name: ep.load()(sub) for ep in entry_points(group="gannet.commands")}
-
-
-def add_verify_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check a run's checkpoints against their manifests", description=(
-        "Check every checkpoint of RUN_DIR against its manifest (each file's size and sha256): one line per "
-        "checkpoint, ok or what is damaged. Exit 0 if none is damaged, 1 if any is, 2 if RUN_DIR is not a run. "
-        "Checkpoints from gannet versions without manifests are listed as unverified."))
-    p.add_argument("run_dir", type=Path)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -11,17 +11,17 @@ move between processes is the engine's (gannet.trainer.engine.distributed).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
+from accelerate.utils import set_seed
 
 from gannet.trainer.checkpoint.store import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gannet.trainer.config.loader import config_to_dict
+from gannet.trainer.config.loader import config_from_dict, config_to_dict
+from gannet.trainer.config.resume import check_resumable
 from gannet.trainer.config.schema import Config
 from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
 from gannet.trainer.engine import fast, preemption
@@ -89,14 +89,27 @@ def train(cfg: Config) -> Path:
 # -- before the loop -------------------------------------------------------------------------------
 
 def resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to continue from (resume=auto), or None; refuses to overwrite a run by accident."""
+    """The checkpoint to continue from (resume=auto), or None; refuses to overwrite a run by accident,
+    and to continue one under a config that changes what its checkpoints were trained with."""
     latest = latest_checkpoint(cfg.run_path)
     if cfg.resume == "never" and latest is not None:
         raise ConfigError(
             f"{cfg.run_path} already holds checkpoints (latest {latest.name}); add resume=auto to "
             f"continue it, or choose another run_dir=... or name=..."
         )
+    if cfg.resume == "auto" and latest is not None and (cfg.run_path / "config.yaml").is_file():
+        check_resumable(saved_config(cfg.run_path / "config.yaml"), config_to_dict(cfg), str(cfg.run_path))
     return latest if cfg.resume == "auto" else None
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as plain data, with today's defaults filled in where it loads (a run from
+    an older gannet may not: then as written)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return config_to_dict(config_from_dict(raw))
+    except ConfigError:
+        return raw
 
 
 def open_run_dir(cfg: Config, engine: Engine) -> None:
@@ -122,9 +135,9 @@ def fixed_grid(cfg: Config, job: Job) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Python's, NumPy's and torch's RNGs (every device's) through Accelerate's `set_seed`; NumPy takes
+    seeds below 2**32 only, so a larger or negative `seed` is folded into that range for all three."""
+    set_seed(seed % 2**32)
 
 
 def restore(cfg: Config, job: Job, checkpoint: Path | None) -> tuple[int, dict | None]:

@@ -1,12 +1,13 @@
-"""Loader throughput (`gannet bench --loader [SHARDS ...]`): images/s the data stream alone delivers;
-and at real resolution (`--loader --sizes 64 128 256`), against what plain decoding allows.
+"""Loader throughput (`gannet bench loader [CONFIG] [SHARDS ...]`): images/s the data stream alone
+delivers; and at real resolution (`gannet bench loader --sizes 64 128 256`), against what plain
+decoding allows.
 
 The training stream itself (gannet.trainer.data.stream: shard reads, shuffle buffer, decode, batching in the
 loader workers), with no model, timed on the config's `data.shards` and on each other shard
 source given (an `s3://` prefix, an `http(s)://` pattern, another folder), so a remote store can
 be compared with local disk on the same machine. Sources are timed in turns, a block of batches
 each, so that all of them see the same machine load. `loader_throughput` times one config's whole
-training stream (both domains of unpaired data) for `gannet bench --speed`'s loader ratio.
+training stream (both domains of unpaired data) for `gannet bench speed`'s loader ratio.
 
 `resolution_bench` writes JPEG shards itself (the bundled images, upscaled, with grain) at each size
 and times, in turns within one run: the ceiling (Pillow decoding the same bytes in a tight loop,
@@ -39,7 +40,7 @@ def source_kind(pattern: str) -> str:
 def loader_images_per_s(sources: list[str], cfg: DataConfig, *, batches: int = 60, warmup: int = 5,
                         rounds: int = 3, seed: int = 0) -> list[dict]:
     """Images/s of the stream over each shard source (a pattern as `data.shards` takes it)."""
-    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff)
+    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff_s)
     streams = [DataStream(expand_urls(pattern, policy), cfg, rank=0, world=1, seed=seed) for pattern in sources]
     for stream in streams:  # starts the workers and fills the shuffle buffers
         for _ in range(warmup):
@@ -85,7 +86,7 @@ def loader_throughput(cfg: Config, seconds: float) -> dict[str, Any]:
     return {"images_per_s": rate, "workers": workers, "images_per_s_per_worker": rate / workers}
 
 
-# -- the loader at real resolution (`gannet bench --loader --sizes 64 128 256`) ----------------------
+# -- the loader at real resolution (`gannet bench loader --sizes 64 128 256`) ----------------------
 
 def bench_pictures(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     """`n` RGB pictures of `size` px from the bundled real images: a silhouette and a digit in two

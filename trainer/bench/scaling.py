@@ -1,7 +1,7 @@
-"""`gannet bench`: measured speed and per-rank memory, each against a reference from the same run.
+"""`gannet bench scaling` and `gannet bench memory`: measured throughput and per-rank memory, each
+against a reference from the same run.
 
-Two tables:
-- throughput: the real `gannet train` on 1 and on N processes (torchrun), images/s and ms per
+- scaling: the real `gannet train` on 1 and on N processes (torchrun), images/s and ms per
   step taken from the run's own metrics over the second half (start-up excluded); the ratio to
   the 1-process run is the figure that matters.
 - memory per rank: one engine per strategy (DDP, ZeRO-1/2/3) on N processes; after a real
@@ -10,7 +10,7 @@ Two tables:
   own, counting each storage once.
 
 Nothing here is asserted: the numbers go to the terminal and to a JSON file. The CycleGAN step
-against a plain eager reference is gannet.trainer.bench.step (`--reference-step`).
+against a plain eager reference is gannet.trainer.bench.step (`gannet bench step`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from gannet.trainer.tracking.tracker import read_metrics
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
               "zero2": ["train.strategy=deepspeed", "optim.g.zero_stage=2", "optim.d.zero_stage=2"],
               "zero3": ["train.strategy=deepspeed", "optim.g.zero_stage=3", "optim.d.zero_stage=3"]}
-# ZeRO buffers that hold gradients or fp32 master weights, by DeepSpeed's attribute names (stage 1/2 and 3)
-DS_GRAD_ATTRS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer", "ipg_buffer")
+# ZeRO buffers that hold gradients or fp32 master weights, by DeepSpeed's attribute names (stage 1/2 and 3;
+# tests/test_packaging.py checks that the installed DeepSpeed still sets each)
+DS_GRAD_ATTRS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer")
 DS_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 
 
@@ -137,33 +138,53 @@ def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bo
     return {"strategy": strategy, "world": report["world"], **totals, "total": sum(totals.values()), "networks": report["networks"]}
 
 
-def run_bench(config: str, overrides: list[str], *, processes: list[int], world: int, steps: int,
-              strategies: list[str], out: Path) -> dict[str, Any]:
+def _device(cpu: bool) -> str:
+    return torch.cuda.get_device_name() if not cpu else f"CPU ({os.cpu_count()} cores)"
+
+
+def _write(result: dict[str, Any], out: Path, table: str) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table)
+    return result
+
+
+def scaling_bench(config: str, overrides: list[str], *, processes: list[int], steps: int, out: Path) -> dict[str, Any]:
+    """Throughput of real training runs on each process count; `speedup_vs_1` is against the first count."""
     cpu = not torch.cuda.is_available()
     speed = [throughput(config, overrides, p, steps, cpu) for p in processes]
     for row in speed:
         row["speedup_vs_1"] = row["images_per_s"] / speed[0]["images_per_s"]
+    result = {"config": config, "overrides": overrides, "device": _device(cpu), "throughput": speed}
+    return _write(result, out, format_scaling(result))
+
+
+def memory_bench(config: str, overrides: list[str], *, world: int, strategies: list[str], out: Path) -> dict[str, Any]:
+    """Per-rank bytes under each strategy on `world` processes; the `_vs_ddp` ratios are against the first
+    strategy (ddp by default)."""
+    cpu = not torch.cuda.is_available()
     mem = [memory(config, overrides, s, world, cpu) for s in strategies]
     for row in mem:
         row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
         row["total_vs_ddp"] = row["total"] / mem[0]["total"]
-    device = torch.cuda.get_device_name() if not cpu else f"CPU ({os.cpu_count()} cores)"
-    result = {"config": config, "overrides": overrides, "device": device, "throughput": speed, "memory_per_rank": mem}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(format_report(result))
-    return result
+    result = {"config": config, "overrides": overrides, "device": _device(cpu), "memory_per_rank": mem}
+    return _write(result, out, format_memory(result))
 
 
-def format_report(result: dict[str, Any]) -> str:
-    mib = lambda n: f"{n / 2**20:8.2f}"  # noqa: E731
-    lines = [f"gannet bench: {result['config']} {' '.join(result['overrides'])} on {result['device']}", "",
+def format_scaling(result: dict[str, Any]) -> str:
+    lines = [f"gannet bench scaling: {result['config']} {' '.join(result['overrides'])} on {result['device']}", "",
              "throughput (gannet train, second half of the run)",
              f"{'processes':>9} {'images/s':>10} {'ms/step':>9} {'vs 1 proc':>10}"]
     lines += [f"{r['processes']:>9} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} {r['speedup_vs_1']:>9.2f}x"
               for r in result["throughput"]]
-    lines += ["", "memory per rank, G + D (MiB)",
-              f"{'strategy':>8} {'world':>5} {'params':>8} {'grads':>8} {'optim':>8} {'master':>8} {'total':>8} "
+    return "\n".join(lines)
+
+
+def format_memory(result: dict[str, Any]) -> str:
+    mib = lambda n: f"{n / 2**20:8.2f}"  # noqa: E731
+    lines = [f"gannet bench memory: {result['config']} {' '.join(result['overrides'])} on {result['device']}", "",
+             "memory per rank, G + D (MiB)",
+             f"{'strategy':>8} {'world':>5} {'params':>8} {'grads':>8} {'optim':>8} {'master':>8} {'total':>8} "
              f"{'optim/ddp':>9} {'total/ddp':>9}"]
     lines += [f"{r['strategy']:>8} {r['world']:>5} {mib(r['params'])} {mib(r['grads'])} {mib(r['optimizer'])} "
               f"{mib(r['master'])} {mib(r['total'])}"

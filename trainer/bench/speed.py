@@ -1,4 +1,4 @@
-"""`gannet bench --speed`: gannet's default training step against a plain eager fp32 reference step,
+"""`gannet bench speed`: gannet's default training step against a plain eager fp32 reference step,
 and the loader alone against what the step consumes, for CycleGAN 256 px (batch 1) and for the
 DCGAN/LSGAN default (28 px, batch 64).
 
@@ -166,7 +166,7 @@ def speed_bench(overrides: list[str], *, steps: int, seconds: float, out: Path, 
                    *data[model], *overrides]
             done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"bench --speed {model} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                raise RuntimeError(f"bench speed {model} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             result["models"][model] = json.loads(row_file.read_text())
     result["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def speed_bench(overrides: list[str], *, steps: int, seconds: float, out: Path, 
 
 
 def format_speed(result: dict[str, Any]) -> str:
-    lines = [f"gannet bench --speed (load average {result['load_average_before'][0]:.2f} before, "
+    lines = [f"gannet bench speed (load average {result['load_average_before'][0]:.2f} before, "
              f"{result['load_average_after'][0]:.2f} after)",
              f"{'model':>18} {'px':>4} {'batch':>5} {'gannet ms':>10} {'ref ms':>9} {'speedup':>8} "
              f"{'loader img/s':>12} {'train img/s':>11} {'loader ratio':>12}"]

@@ -1,4 +1,4 @@
-"""`gannet bench CONFIG --reference-step`: gannet's CycleGAN training step against a plain eager
+"""`gannet bench step CONFIG`: gannet's CycleGAN training step against a plain eager
 re-implementation of the reference step, timed in turns in one process.
 
 The reference (`CycleGANModel.optimize_parameters` of the public CycleGAN code) is re-written
@@ -131,7 +131,7 @@ def cyclegan_step_bench(config: str, overrides: list[str], *, steps: int, out: P
     result["ratio"] = result["gannet_ms"] / result["reference_ms"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"gannet bench --reference-step: {config} {' '.join(overrides)} on {device}\n"
+    print(f"gannet bench step: {config} {' '.join(overrides)} on {device}\n"
           f"CycleGAN training step, {cfg.data.image_size} px, batch {cfg.data.batch_size} "
           f"(G pair {result['params']['G']:,} and D pair {result['params']['D']:,} parameters), median of {steps}:\n"
           f"  gannet (recipe on the engine) {result['gannet_ms']:9.1f} ms\n"

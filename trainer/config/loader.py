@@ -7,6 +7,7 @@ by the recipe it names: each recipe module declares its own `Params` dataclass.
 
 from __future__ import annotations
 
+import logging
 import math
 import typing
 from dataclasses import asdict, fields, is_dataclass
@@ -26,6 +27,7 @@ from gannet.trainer.errors import ConfigError
 # Users name them by their source-tree folder (`launch/deepspeed/zero2.yaml`).
 CONFIG_DIR = Path(str(resources.files("gannet.configs")))
 RESOURCE_PACKAGES = {"configs": "gannet.configs", "launch": "gannet.launch"}
+log = logging.getLogger("gannet")
 
 
 def config_names() -> list[str]:
@@ -118,9 +120,28 @@ def _merge(base: dict, update: dict) -> None:
             base[key] = value
 
 
+# Keys renamed since runs saved them in config.yaml (and users wrote them in their YAML): old -> new.
+# Read under the new name with a warning, so `gannet resume` of an older run keeps working.
+RENAMED = {"data.retry_backoff": "data.retry_backoff_s"}  # seconds are `_s` everywhere
+
+
+def _renamed(raw: dict) -> dict:
+    """`raw` with each old key of RENAMED moved to its new name (sections copied, not changed in place)."""
+    for old, new in RENAMED.items():
+        section, _, key = old.rpartition(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        if new.rpartition(".")[2] in node:
+            raise ConfigError(f"{old} was renamed {new}: give only {new}")
+        raw[section] = {(new.rpartition(".")[2] if k == key else k): v for k, v in node.items()}
+        log.warning("config key %s is now %s; read as such", old, new)
+    return raw
+
+
 def config_from_dict(raw: dict) -> Config:
     """Build a validated Config from plain data (YAML, a run's saved config.yaml)."""
-    raw = dict(raw)
+    raw = _renamed(dict(raw))
     recipe_raw = raw.pop("recipe", None)
     if not isinstance(recipe_raw, dict) or "name" not in recipe_raw:
         raise ConfigError("recipe.name is required (e.g. recipe: {name: lsgan})")
@@ -272,7 +293,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.eval.samples < 10:
         raise ConfigError(f"eval.samples={cfg.eval.samples} must be >= 10")
     for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors,
-                       "data.retries": cfg.data.retries, "data.retry_backoff": cfg.data.retry_backoff,
+                       "data.retries": cfg.data.retries, "data.retry_backoff_s": cfg.data.retry_backoff_s,
                        "eval.every": cfg.eval.every}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")

@@ -28,7 +28,7 @@ class DataConfig:
     load_size: int = 0  # resize to this side, then random-crop image_size (CycleGAN's 286 -> 256); 0 = resize only
     mirror: bool = False  # random x-flips (StyleGAN2-ADA / R3GAN --mirror=1), fixed by each sample's stream position
     retries: int = 5  # remote shards: retries of a transient network failure (per request), before the shard is skipped
-    retry_backoff: float = 0.5  # seconds before the first retry; doubles with each one (jittered, at most 30 s)
+    retry_backoff_s: float = 0.5  # seconds before the first retry; doubles with each one (jittered, at most 30 s)
     prefetch_factor: int = 4  # batches each loader worker keeps ready ahead of the training step
 
 

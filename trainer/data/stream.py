@@ -102,7 +102,7 @@ def decode_pixels(sample: dict[str, Any], image_size: int, channels: int) -> dic
 
 def jpeg_square(data: bytes, size: int, channels: int) -> np.ndarray | None:
     """A JPEG's centred square through simplejpeg: libjpeg-turbo straight into a NumPy array, the same
-    pixels as Pillow's decode at about 1.5x its speed (`gannet bench --loader --sizes`), DCT-scaled
+    pixels as Pillow's decode at about 1.5x its speed (`gannet bench loader --sizes`), DCT-scaled
     like draft mode (`min_height`/`min_width`). None for what Pillow handles better (CMYK, whose
     Adobe inversion simplejpeg does not apply); a damaged file raises, as with Pillow."""
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -285,7 +285,7 @@ class ShardStream(IterableDataset):
         epoch, skip = self.position.epochs[worker], self.position.consumed[worker]
         counters = _WorkerCounters()
         reads = remote.ReadStats()  # retries happen in this worker; the count travels with each batch
-        policy = remote.RetryPolicy(self.cfg.retries, self.cfg.retry_backoff)
+        policy = remote.RetryPolicy(self.cfg.retries, self.cfg.retry_backoff_s)
         encoder = SentenceEncoder(self.cfg.text_encoder) if self.cfg.text_encoder else None
 
         def on_error(exn: Exception) -> bool:
@@ -489,7 +489,7 @@ B_SEED_OFFSET = 7_777_777  # stream B's seed: apart from A's, so the two are shu
 def stream_urls(cfg: DataConfig) -> list[list[str]]:
     """Shard URLs of each stream: [A], or [A, B] when `data.shards_b` is set. Called before any
     process group exists, so a wrong path fails at once."""
-    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff)
+    policy = remote.RetryPolicy(cfg.retries, cfg.retry_backoff_s)
     return [expand_urls(pattern, policy) for pattern in (cfg.shards, cfg.shards_b) if pattern]
 
 

@@ -60,6 +60,11 @@ class Media:
     columns: tuple[str, ...] = ()
 
 
+def shows_bar(progress: str) -> bool:
+    """log.progress: a progress bar, or a line per logging step; auto = a bar on a terminal (stderr)."""
+    return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+
+
 class Tracker:
     """Rank 0's metric sink. Other ranks build one with `enabled=False`: every call is a no-op."""
 
@@ -72,8 +77,7 @@ class Tracker:
         if not enabled:
             return
         self._truncate_after(start_step)
-        progress = cfg.log.progress
-        if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
+        if shows_bar(cfg.log.progress):
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True)
         if cfg.log.wandb != "disabled":
             run_id = wandb_run_id(run_dir)
