@@ -30,6 +30,7 @@ from gannet.trainer.errors import ConfigError
 
 log = logging.getLogger("gannet.text")
 HASHED_DIM = 512
+MAX_TOKENS = 128  # longer captions are truncated
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -91,10 +92,38 @@ class SentenceEncoder:
         if self._model is None:
             return torch.stack([hashed_bag_of_words(c) for c in captions])
         with torch.no_grad():
-            tokens = self._tokenizer(captions, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            hidden = self._model(**tokens).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            tokens = self.tokenize(captions)
+            return MeanPooled(self._model)(tokens["input_ids"], tokens["attention_mask"])
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask of a padded batch, as the encoder reads them."""
+        return self._tokenizer(captions, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+
+    def describe(self) -> dict[str, str]:
+        """How a caption becomes its vector, in words: what an exported text G says it expects."""
+        if self._model is None:
+            return {"text_encoder": self.name, "text_pooling": "hashed word counts (gannet.models.text.hashed_bag_of_words), L2-normalised"}
+        return {"text_encoder": self.name, "text_pooling": "attention-masked mean of the last hidden states, L2-normalised",
+                "text_max_tokens": str(MAX_TOKENS)}
+
+    def exportable(self) -> tuple[torch.nn.Module, object] | None:
+        """(module(input_ids, attention_mask) -> the vectors `__call__` gives, the tokenizer) for
+        `gannet export --with-encoder`; None for the hashed encoder, which has no network."""
+        return None if self._model is None else (MeanPooled(self._model), self._tokenizer)
+
+
+class MeanPooled(torch.nn.Module):
+    """A Hugging Face encoder followed by all-MiniLM-L6-v2's pooling: the attention-masked mean of
+    the last hidden states, L2-normalised. One module, so an exported encoder computes what gannet does."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=1)
 
 

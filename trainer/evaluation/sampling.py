@@ -18,8 +18,12 @@ from gannet.trainer.config.loader import config_from_dict
 from gannet.trainer.config.schema import Config
 from gannet.trainer.data.shards import image_fields, image_files
 from gannet.trainer.data.stream import ShardExamples, decode_image_sample
-from gannet.trainer.errors import GannetError
+from gannet.trainer.errors import ConfigError, GannetError
 from gannet.trainer.evaluation.images import grid_array, save_grid
+from gannet.trainer.export import exported_file, open_exported
+
+# What G draws from besides noise, by the recipe's declared `condition`, as generator inputs name it.
+CONDITION_INPUT = {"": "noise", "label": "label", "text": "embedding"}
 
 
 def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Recipe, dict[int, Path]]:
@@ -49,59 +53,88 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
     """A PNG grid from the run's latest checkpoint: the run's own prompts/classes by default; one
     class (`label`) for a conditional GAN; one caption, or an interpolation between two captions
     (rows: noise vectors; columns: `interpolate` steps from the first caption to the second), for a
-    text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`."""
-    cfg, recipe, kept = open_run(run_dir)
-    recipe.sample_raw = raw
-    if recipe.translates:
-        raise GannetError(f"{run_dir} trained {cfg.recipe.name}, which translates real images and does not sample noise: "
-                          f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
-    if label is not None and recipe.condition != "label":
-        raise GannetError(f"--label needs a class-conditional run (recipe cgan); {run_dir} is {cfg.recipe.name}")
-    if texts and recipe.condition != "text":
-        raise GannetError(f"--text needs a text-to-image run (recipe t2i); {run_dir} is {cfg.recipe.name}")
-    if texts and len(texts) > 2:
-        raise GannetError("--text: give one caption, or two to interpolate between")
-    if label is not None and not 0 <= label < cfg.model.num_classes:
-        raise GannetError(f"--label {label} is not a class of this run (0..{cfg.model.num_classes - 1})")
-    nets = load_networks(recipe, kept[max(kept)])
+    text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`. RUN_DIR may also be
+    a file `gannet export` wrote: the same inputs from the same seed, drawn by the file."""
+    if exported_file(run_dir):
+        model = open_exported(run_dir)
+        check_request(str(run_dir), model.meta["recipe"], {spec.kind for spec in model.inputs}, label, texts,
+                      len(model.meta.get("class_names", ())))
+        if raw:
+            raise ConfigError(f"--raw picks a run's network; {run_dir} holds one ({model.meta['weights']})")
+        z_dim, encode, default, generate = model.meta["z_dim"], model.encode, model.fixed_inputs, model.generate
+    else:
+        cfg, recipe, kept = open_run(run_dir)
+        recipe.sample_raw = raw
+        kinds = {"image"} if recipe.translates else {"noise", CONDITION_INPUT[recipe.condition]}
+        check_request(str(run_dir), cfg.recipe.name, kinds, label, texts, cfg.model.num_classes)
+        nets = load_networks(recipe, kept[max(kept)])
+        z_dim, encode, default = cfg.model.z_dim, recipe.encode, recipe.fixed_inputs
+        generate = lambda inputs: recipe.generate(nets, inputs)  # noqa: E731
     noise = torch.Generator().manual_seed(seed)
     nrow = None
     if label is not None:
-        inputs = {"z": torch.randn(n, cfg.model.z_dim, generator=noise), "label": torch.full((n,), label)}
+        inputs = {"z": torch.randn(n, z_dim, generator=noise), "label": torch.full((n,), label)}
     elif texts:
         steps = interpolate if len(texts) == 2 else 1
         rows = max(n // steps, 1)
-        z = torch.randn(rows, cfg.model.z_dim, generator=noise).repeat_interleave(steps, dim=0)
-        first, second = recipe.encode(texts if len(texts) == 2 else texts * 2)
+        z = torch.randn(rows, z_dim, generator=noise).repeat_interleave(steps, dim=0)
+        first, second = encode(texts if len(texts) == 2 else texts * 2)
         beta = torch.linspace(0, 1, steps).repeat(rows)[:, None] if steps > 1 else torch.zeros(rows, 1)
         inputs, nrow = {"z": z, "text_emb": (1 - beta) * first + beta * second}, (steps if steps > 1 else None)
     else:
-        inputs = recipe.fixed_inputs(n, noise)
+        inputs = default(n, noise)
     with torch.no_grad():
-        images = recipe.generate(nets, inputs)
+        images = generate(inputs)
     return save_grid(images, out, nrow=nrow)
 
 
-def decode_images(files: list[Path], cfg: Config) -> torch.Tensor:
-    """Image files as the run's networks take them: resized to its image size and channels, as in training."""
-    return torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]
-                        for path in files])
+def check_request(source: str, recipe: str, kinds: set[str], label: int | None, texts: list[str] | None, classes: int) -> None:
+    """What a grid asks for must be what the generator (a run's, or an exported file's) draws from."""
+    if "image" in kinds:
+        raise GannetError(f"{source} trained {recipe}, which translates real images and does not sample noise: "
+                          f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
+    if label is not None and "label" not in kinds:
+        raise GannetError(f"--label needs a class-conditional run (recipe cgan); {source} is {recipe}")
+    if texts and "embedding" not in kinds:
+        raise GannetError(f"--text needs a text-to-image run (recipe t2i); {source} is {recipe}")
+    if texts and len(texts) > 2:
+        raise GannetError("--text: give one caption, or two to interpolate between")
+    if label is not None and not 0 <= label < classes:
+        raise GannetError(f"--label {label} is not a class of this run (0..{classes - 1})")
+
+
+def decode_images(files: list[Path], cfg: Config, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image files as the run's networks take them: resized to its image size and channels, as in
+    training (`size`: the image size and channels of an exported file, which has no config)."""
+    image_size, channels = size or (cfg.data.image_size, cfg.data.channels)
+    return torch.stack([decode_image_sample(image_fields(path), image_size, channels)["image"] for path in files])
 
 
 def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Path, *, batch_size: int = 16) -> list[Path]:
     """Translate every image in INPUT_DIR with RUN_DIR's latest generator for `direction` (AtoB or
     BtoA): each is resized to the run's image size, as in training, and written as OUT_DIR/NAME.png."""
-    cfg, recipe, kept = open_run(run_dir)
-    if not recipe.translates:
-        raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
     files = image_files(input_dir)
-    images = decode_images(files, cfg)
-    nets = load_networks(recipe, kept[max(kept)])
+    if exported_file(run_dir):
+        model, cfg = open_exported(run_dir), None
+        if "image" not in {spec.kind for spec in model.inputs}:
+            raise GannetError(f"{run_dir} holds a {model.meta['recipe']} generator, which does not translate images (CycleGAN does)")
+        if model.meta["generator"] != direction:
+            raise ConfigError(f"{run_dir} translates {model.meta['generator']}, not {direction}: export that direction "
+                              f"(gannet export RUN --direction {direction} --out FILE)")
+        images = decode_images(files, cfg, (model.meta["image_size"], model.meta["channels"]))
+        translate = lambda batch: model.generate({"image": batch})  # noqa: E731
+    else:
+        cfg, recipe, kept = open_run(run_dir)
+        if not recipe.translates:
+            raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
+        images = decode_images(files, cfg)
+        nets = load_networks(recipe, kept[max(kept)])
+        translate = lambda batch: recipe.translate(nets, batch, direction)  # noqa: E731
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
         for start in range(0, len(files), batch_size):
-            fakes = recipe.translate(nets, images[start : start + batch_size], direction)
+            fakes = translate(images[start : start + batch_size])
             for path, fake in zip(files[start : start + batch_size], fakes):
                 written.append(out_dir / f"{path.stem}.png")
                 Image.fromarray(grid_array(fake[None], nrow=1, pad=0)).save(written[-1])
