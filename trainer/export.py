@@ -178,7 +178,7 @@ def export_run(run_dir: Path, out: Path, *, fmt: str | None = None, step: int | 
                                      meta, path, fmt, batch, pixels))
     if with_encoder:
         spec = next(spec for gen in chosen.values() for spec in gen.inputs if spec.kind == "embedding")
-        written.append(export_encoder(spec.encoder, out.with_name(f"{out.stem}.encoder{out.suffix}"), fmt))
+        written.append(export_encoder(spec.encoder, out, fmt))
     return written
 
 
@@ -287,10 +287,10 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-def export_encoder(encoder_name: str, path: Path, fmt: str) -> Export:
-    """The sentence encoder a text G's embeddings come from, as a second file (token ids and attention
-    mask in, the embedding out), and its tokenizer beside it (OUT.tokenizer.json, for the
-    `tokenizers` package), so captions become images with no gannet and no Hugging Face hub."""
+def export_encoder(encoder_name: str, out: Path, fmt: str) -> Export:
+    """The sentence encoder a text G's embeddings come from, as a second file beside OUT
+    (OUT.encoder.onnx: token ids and attention mask in, the embedding out) with its tokenizer
+    (OUT.tokenizer.json, for the `tokenizers` package), so captions become images without gannet."""
     from gannet.models.text import SentenceEncoder
 
     encoder = SentenceEncoder(encoder_name)
@@ -299,11 +299,13 @@ def export_encoder(encoder_name: str, path: Path, fmt: str) -> Export:
         raise ConfigError(f"--with-encoder: data.text_encoder={encoder_name} hashes words and has no network to export "
                           f"(gannet.models.text.hashed_bag_of_words computes its vectors in a few lines)")
     module, tokenizer = exportable
-    tokenizer_file = path.with_name(path.name.replace(".encoder", ".tokenizer").rsplit(".", 1)[0] + ".json")
+    path, tokenizer_file = out.with_name(f"{out.stem}.encoder{out.suffix}"), out.with_name(f"{out.stem}.tokenizer.json")
     meta = {"producer": "gannet", "gannet_version": gannet.__version__, "format_version": 1, "role": "encoder",
             **encoder.describe(), "tokenizer": tokenizer_file.name, "batch": "dynamic",
             "inputs": [{"name": "input_ids", "kind": "tokens"}, {"name": "attention_mask", "kind": "tokens"}]}
-    batch, tokens = Dim("batch", min=1), Dim("tokens", min=1, max=512)
+    from gannet.models.text import MAX_TOKENS
+
+    batch, tokens = Dim("batch", min=1), Dim("tokens", min=2, max=MAX_TOKENS)  # [CLS] and [SEP] at least; the tokenizer truncates
 
     def examples(n: int) -> tuple[torch.Tensor, ...]:
         captions = [EXAMPLE_CAPTIONS[i % len(EXAMPLE_CAPTIONS)] + " and more" * (i % 3) for i in range(n)]
