@@ -248,8 +248,13 @@ def _write_shards(args: argparse.Namespace, shards, report: bool = True):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from gannet.trainer.evaluation.sampling import sample_grid, translate_folder
+    from gannet.trainer.export import exported_file
 
+    if exported_file(args.run_dir):  # a file `gannet export` wrote: the same options, drawn by the file
+        from gannet.trainer.export import sample_file as sample_grid
+        from gannet.trainer.export import translate_file as translate_folder
+    else:
+        from gannet.trainer.evaluation.sampling import sample_grid, translate_folder
     if (args.direction is None) != (args.input is None):
         raise ConfigError("--direction and --input go together: gannet sample RUN --direction AtoB --input DIR --out DIR")
     if args.direction:

@@ -428,3 +428,33 @@ def open_pt2(path: Path) -> tuple[dict[str, Any], Callable]:
             return module(*args)
 
     return meta, run
+
+
+def sample_file(path: Path, out: Path, *, n: int, seed: int, label: int | None = None, texts: list[str] | None = None,
+                interpolate: int = 8, raw: bool = False) -> Path:
+    """`gannet sample FILE`: the grid `gannet sample RUN` draws with the same options and seed, drawn by the file."""
+    from gannet.trainer.evaluation.sampling import check_request, draw_grid
+
+    model = open_exported(path)
+    check_request(str(path), model.meta["recipe"], {spec.kind for spec in model.inputs}, label, texts,
+                  len(model.meta.get("class_names", ())))
+    if raw:
+        raise ConfigError(f"--raw picks a run's network; {path} holds one ({model.meta['weights']}): export with --raw instead")
+    return draw_grid(out, n=n, seed=seed, label=label, texts=texts, interpolate=interpolate, z_dim=model.meta["z_dim"],
+                     encode=model.encode, default=model.fixed_inputs, generate=model.generate)
+
+
+def translate_file(path: Path, direction: str, input_dir: Path, out_dir: Path) -> list[Path]:
+    """`gannet sample FILE --direction D --input DIR --out DIR`, as from the run the file came from."""
+    from gannet.trainer.data.shards import image_files
+    from gannet.trainer.evaluation.sampling import decode_images, write_translations
+
+    model = open_exported(path)
+    if "image" not in {spec.kind for spec in model.inputs}:
+        raise GannetError(f"{path} holds a {model.meta['recipe']} generator, which does not translate images (CycleGAN does)")
+    if model.meta["generator"] != direction:
+        raise ConfigError(f"{path} translates {model.meta['generator']}, not {direction}: export that direction "
+                          f"(gannet export RUN --direction {direction} --out FILE)")
+    files = image_files(input_dir)
+    images = decode_images(files, model.meta["image_size"], model.meta["channels"])
+    return write_translations(files, images, lambda batch: model.generate({"image": batch}), out_dir)

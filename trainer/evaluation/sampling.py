@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -18,9 +18,8 @@ from gannet.trainer.config.loader import config_from_dict
 from gannet.trainer.config.schema import Config
 from gannet.trainer.data.shards import image_fields, image_files
 from gannet.trainer.data.stream import ShardExamples, decode_image_sample
-from gannet.trainer.errors import ConfigError, GannetError
+from gannet.trainer.errors import GannetError
 from gannet.trainer.evaluation.images import grid_array, save_grid
-from gannet.trainer.export import exported_file, open_exported
 
 # What G draws from besides noise, by the recipe's declared `condition`, as generator inputs name it.
 CONDITION_INPUT = {"": "noise", "label": "label", "text": "embedding"}
@@ -53,23 +52,21 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: int | Non
     """A PNG grid from the run's latest checkpoint: the run's own prompts/classes by default; one
     class (`label`) for a conditional GAN; one caption, or an interpolation between two captions
     (rows: noise vectors; columns: `interpolate` steps from the first caption to the second), for a
-    text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`. RUN_DIR may also be
-    a file `gannet export` wrote: the same inputs from the same seed, drawn by the file."""
-    if exported_file(run_dir):
-        model = open_exported(run_dir)
-        check_request(str(run_dir), model.meta["recipe"], {spec.kind for spec in model.inputs}, label, texts,
-                      len(model.meta.get("class_names", ())))
-        if raw:
-            raise ConfigError(f"--raw picks a run's network; {run_dir} holds one ({model.meta['weights']})")
-        z_dim, encode, default, generate = model.meta["z_dim"], model.encode, model.fixed_inputs, model.generate
-    else:
-        cfg, recipe, kept = open_run(run_dir)
-        recipe.sample_raw = raw
-        kinds = {"image"} if recipe.translates else {"noise", CONDITION_INPUT[recipe.condition]}
-        check_request(str(run_dir), cfg.recipe.name, kinds, label, texts, cfg.model.num_classes)
-        nets = load_networks(recipe, kept[max(kept)])
-        z_dim, encode, default = cfg.model.z_dim, recipe.encode, recipe.fixed_inputs
-        generate = lambda inputs: recipe.generate(nets, inputs)  # noqa: E731
+    text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`."""
+    cfg, recipe, kept = open_run(run_dir)
+    recipe.sample_raw = raw
+    kinds = {"image"} if recipe.translates else {"noise", CONDITION_INPUT[recipe.condition]}
+    check_request(str(run_dir), cfg.recipe.name, kinds, label, texts, cfg.model.num_classes)
+    nets = load_networks(recipe, kept[max(kept)])
+    return draw_grid(out, n=n, seed=seed, label=label, texts=texts, interpolate=interpolate, z_dim=cfg.model.z_dim,
+                     encode=recipe.encode, default=recipe.fixed_inputs, generate=lambda inputs: recipe.generate(nets, inputs))
+
+
+def draw_grid(out: Path, *, n: int, seed: int, label: int | None, texts: list[str] | None, interpolate: int, z_dim: int,
+              encode: Callable[[list[str]], torch.Tensor], default: Callable[[int, torch.Generator], dict[str, torch.Tensor]],
+              generate: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> Path:
+    """The grid's inputs from `seed`, drawn alike for a run and for an exported file (`gannet.trainer.export`),
+    so both give the same picture: `default` draws the run's own grid inputs."""
     noise = torch.Generator().manual_seed(seed)
     nrow = None
     if label is not None:
@@ -103,33 +100,26 @@ def check_request(source: str, recipe: str, kinds: set[str], label: int | None, 
         raise GannetError(f"--label {label} is not a class of this run (0..{classes - 1})")
 
 
-def decode_images(files: list[Path], cfg: Config, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Image files as the run's networks take them: resized to its image size and channels, as in
-    training (`size`: the image size and channels of an exported file, which has no config)."""
-    image_size, channels = size or (cfg.data.image_size, cfg.data.channels)
+def decode_images(files: list[Path], image_size: int, channels: int) -> torch.Tensor:
+    """Image files as a run's networks take them: resized to its image size and channels, as in training."""
     return torch.stack([decode_image_sample(image_fields(path), image_size, channels)["image"] for path in files])
 
 
 def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Path, *, batch_size: int = 16) -> list[Path]:
     """Translate every image in INPUT_DIR with RUN_DIR's latest generator for `direction` (AtoB or
     BtoA): each is resized to the run's image size, as in training, and written as OUT_DIR/NAME.png."""
+    cfg, recipe, kept = open_run(run_dir)
+    if not recipe.translates:
+        raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
     files = image_files(input_dir)
-    if exported_file(run_dir):
-        model, cfg = open_exported(run_dir), None
-        if "image" not in {spec.kind for spec in model.inputs}:
-            raise GannetError(f"{run_dir} holds a {model.meta['recipe']} generator, which does not translate images (CycleGAN does)")
-        if model.meta["generator"] != direction:
-            raise ConfigError(f"{run_dir} translates {model.meta['generator']}, not {direction}: export that direction "
-                              f"(gannet export RUN --direction {direction} --out FILE)")
-        images = decode_images(files, cfg, (model.meta["image_size"], model.meta["channels"]))
-        translate = lambda batch: model.generate({"image": batch})  # noqa: E731
-    else:
-        cfg, recipe, kept = open_run(run_dir)
-        if not recipe.translates:
-            raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
-        images = decode_images(files, cfg)
-        nets = load_networks(recipe, kept[max(kept)])
-        translate = lambda batch: recipe.translate(nets, batch, direction)  # noqa: E731
+    images = decode_images(files, cfg.data.image_size, cfg.data.channels)
+    nets = load_networks(recipe, kept[max(kept)])
+    return write_translations(files, images, lambda batch: recipe.translate(nets, batch, direction), out_dir, batch_size)
+
+
+def write_translations(files: list[Path], images: torch.Tensor, translate: Callable[[torch.Tensor], torch.Tensor],
+                       out_dir: Path, batch_size: int = 16) -> list[Path]:
+    """OUT_DIR/NAME.png for each input file, translated in batches (by a run or an exported file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
