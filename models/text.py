@@ -99,12 +99,12 @@ class SentenceEncoder:
         """Token ids and attention mask of a padded batch, as the encoder reads them."""
         return self._tokenizer(captions, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, str | int]:
         """How a caption becomes its vector, in words: what an exported text G says it expects."""
         if self._model is None:
             return {"text_encoder": self.name, "text_pooling": "hashed word counts (gannet.models.text.hashed_bag_of_words), L2-normalised"}
         return {"text_encoder": self.name, "text_pooling": "attention-masked mean of the last hidden states, L2-normalised",
-                "text_max_tokens": str(MAX_TOKENS)}
+                "text_max_tokens": MAX_TOKENS}
 
     def exportable(self) -> tuple[torch.nn.Module, object] | None:
         """(module(input_ids, attention_mask) -> the vectors `__call__` gives, the tokenizer) for

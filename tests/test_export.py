@@ -274,3 +274,12 @@ def test_with_encoder_the_sentence_encoder_and_its_tokenizer_leave_too(tiny_bert
     mask = torch.tensor([e.attention_mask for e in encoded])
     vectors = export.open_exported(result.path).run((ids, mask))
     assert (vectors - SentenceEncoder(str(tiny_bert))(captions)).abs().max().item() <= 1e-5
+
+
+def test_class_names_come_from_classes_json_beside_the_shards_else_the_indices(tmp_path):
+    shards = str(tmp_path / "train-{000000..000002}.tar")
+    assert export.class_names(shards, 3) == ["0", "1", "2"]
+    for written, names in (({"cat": 1, "ant": 0, "dog": 2}, ["ant", "cat", "dog"]), (["a", "b", "c"], ["a", "b", "c"]),
+                           ({"classes": ["x", "y", "z"]}, ["x", "y", "z"]), (["only", "two"], ["0", "1", "2"])):
+        (tmp_path / "classes.json").write_text(json.dumps(written))
+        assert export.class_names(shards, 3) == names

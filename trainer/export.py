@@ -42,7 +42,8 @@ META_FILE = "gannet.json"  # the metadata inside a .pt2 (and FILE.json beside it
 TOLERANCE = {"float": 1e-4, "uint8": 1.0}  # file vs PyTorch, in the file's pixel units (uint8: a rounding tie)
 CHECK_BATCHES = (1, 7)
 # Metadata values that are not strings: ONNX metadata_props hold strings, so these travel as JSON.
-TYPED_KEYS = ("format_version", "step", "image_size", "channels", "z_dim", "inputs", "class_names", "batch")
+TYPED_KEYS = ("format_version", "step", "image_size", "channels", "z_dim", "inputs", "class_names", "batch", "text_dim",
+              "text_max_tokens")
 EXAMPLE_CAPTIONS = ["a thick seven slanted to the right", "a thin one", "an upright eight of medium thickness"]
 log = logging.getLogger("gannet.export")
 
@@ -119,14 +120,14 @@ def dynamic_shapes(inputs: tuple[GeneratorInput, ...], batch: int | None) -> dic
 def class_names(shards: str, classes: int) -> list[str]:
     """The names of a run's classes: classes.json beside its (local) shards where one is, as a list of
     names or a name -> index map; else the indices themselves."""
-    path = Path(shards).parent / "classes.json"
+    indices = [str(i) for i in range(classes)]
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return [str(i) for i in range(classes)]
-    raw = raw.get("classes", raw) if isinstance(raw, dict) and "classes" in raw else raw
-    names = sorted(raw, key=lambda k: int(raw[k])) if isinstance(raw, dict) else [str(name) for name in raw]
-    return names if len(names) == classes else [str(i) for i in range(classes)]
+        raw = json.loads((Path(shards).parent / "classes.json").read_text())
+        raw = raw["classes"] if isinstance(raw, dict) and "classes" in raw else raw
+        names = sorted(raw, key=lambda name: int(raw[name])) if isinstance(raw, dict) else [str(name) for name in raw]
+    except (OSError, ValueError, TypeError, KeyError):
+        return indices
+    return names if len(names) == classes else indices
 
 
 @dataclass
@@ -206,7 +207,7 @@ def generator_meta(generator: Generator, key: str, about: dict[str, Any], shards
         if spec.kind == "embedding":
             from gannet.models.text import SentenceEncoder
 
-            meta.update(SentenceEncoder(spec.encoder).describe(), text_dim=str(spec.shape[0]))
+            meta.update(SentenceEncoder(spec.encoder).describe(), text_dim=spec.shape[0])
     return meta
 
 
