@@ -77,7 +77,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
         "in --input into the folder --out (--direction AtoB or BtoA). RUN_DIR may be a file `gannet export` "
         "wrote (FILE.onnx, FILE.pt2): the same seed draws the same grid."))
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|FILE")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|FILE", help="a run directory, or a file gannet export wrote (.onnx, .pt2)")
     p.add_argument("--out", type=Path, required=True, help="PNG path (a folder with --direction)")
     p.add_argument("--direction", choices=["AtoB", "BtoA"], help="translate --input with this generator (CycleGAN)")
     p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
@@ -353,7 +353,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "come out (and, for CycleGAN, go in) as N x C x H x W in [0, 1], or uint8 with --pixels uint8; the file "
         "holds the recipe, image size, channels, z size, class names, step, run and gannet version. Each file is "
         "read back and checked against PyTorch before it is kept. `gannet sample FILE` draws from it."))
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (runs/NAME) to export from")
     p.add_argument("--out", type=Path, required=True, help=(
         "FILE.onnx or FILE.pt2 (a .pt2 gets FILE.json beside it); CycleGAN writes FILE.AtoB.onnx and FILE.BtoA.onnx"))
     p.add_argument("--format", choices=["onnx", "pt2"], help="default: from --out's suffix")
