@@ -85,11 +85,10 @@ def run(request, mnist_shards, silhouettes, tiny_bert, tmp_path_factory) -> Path
     return run_dir
 
 
-def reference(run_dir: Path, raw: bool = False):
-    """The run's recipe and networks, as `gannet sample RUN` opens them, and a function giving
+def reference(run_dir: Path):
+    """The run's config, recipe and networks, as `gannet sample RUN` opens them, and a function giving
     PyTorch's images ([-1, 1]) for a file's inputs (its own pixel range for images)."""
     cfg, recipe, kept = open_run(run_dir)
-    recipe.sample_raw = raw
     nets = load_networks(recipe, kept[max(kept)])
 
     def images(name: str, inputs: dict[str, torch.Tensor], pixels: str) -> torch.Tensor:
@@ -98,7 +97,7 @@ def reference(run_dir: Path, raw: bool = False):
                 return recipe.translate(nets, export.from_pixels(inputs["image"], pixels), name)
             return recipe.generate(nets, inputs)
 
-    return cfg, recipe, images
+    return cfg, recipe, nets, images
 
 
 def file_inputs(path: Path, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -121,9 +120,9 @@ def exported(run, tmp_path_factory):
 
 
 def test_onnx_runs_in_onnxruntime_as_pytorch_does_at_batch_1_and_7_and_says_what_it_is(run, exported):
-    cfg, recipe, images = reference(run)
+    cfg, recipe, nets, images = reference(run)
     files = exported("onnx")
-    assert set(files) == set(recipe.generators(load_networks(recipe, open_run(run)[2][2])))
+    assert set(files) == set(recipe.generators(nets))
     for name, path in files.items():
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for batch in (1, 7):
@@ -138,7 +137,6 @@ def test_onnx_runs_in_onnxruntime_as_pytorch_does_at_batch_1_and_7_and_says_what
             "image_size": str(cfg.data.image_size), "channels": str(cfg.data.channels), "gannet_version": gannet.__version__}
         kinds = [spec["kind"] for spec in json.loads(meta["inputs"])]
         assert meta["z_dim"] == (str(cfg.model.z_dim) if "noise" in kinds else "0")
-        nets = load_networks(recipe, open_run(run)[2][2])
         assert meta["weights"] == {"AtoB": "G.AB", "BtoA": "G.BA"}.get(name, "G_ema" if "G_ema" in nets else "G")
         if "label" in kinds:
             assert json.loads(meta["class_names"]) == [str(i) for i in range(cfg.model.num_classes)]
@@ -147,7 +145,7 @@ def test_onnx_runs_in_onnxruntime_as_pytorch_does_at_batch_1_and_7_and_says_what
 
 
 def test_pt2_loads_with_torch_export_in_a_process_without_gannet_and_matches(run, exported, tmp_path):
-    _, _, images = reference(run)
+    *_, images = reference(run)
     files = exported("pt2")
     cases = {}
     for name, path in files.items():
@@ -169,7 +167,7 @@ def test_pt2_loads_with_torch_export_in_a_process_without_gannet_and_matches(run
 
 
 def test_sample_from_the_file_draws_the_runs_grid(run, exported, tmp_path, silhouettes):
-    cfg, recipe, _ = reference(run)
+    _, recipe, *_ = reference(run)
     if recipe.translates:
         folder = tmp_path / "in"
         folder.mkdir()
