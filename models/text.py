@@ -108,6 +108,43 @@ class SentenceEncoder:
         vectors = self._model.encode(captions, convert_to_tensor=True, show_progress_bar=False).float().clone()
         return torch.nn.functional.normalize(vectors, dim=1) if self._normalize else vectors
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens read per caption (the folder's max_seq_length); longer captions are truncated."""
+        return int(self._model.max_seq_length) if self._model is not None else 0
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask of a padded batch, as the encoder's pipeline reads them."""
+        features = self._model.tokenize(captions)
+        return {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
+
+    def describe(self) -> dict[str, str | int]:
+        """How a caption becomes its vector, in words: what an exported text G says it expects."""
+        if self._model is None:
+            return {"text_encoder": self.name, "text_pooling": "hashed word counts (gannet.models.text.hashed_bag_of_words), L2-normalised"}
+        pooling = [m.get_pooling_mode_str() for m in self._model if hasattr(m, "get_pooling_mode_str")]
+        unit = self._normalize or any(type(m).__name__ == "Normalize" for m in self._model)
+        return {"text_encoder": self.name, "text_pooling": f"{'+'.join(pooling) or 'the pipeline'} pooling of the last hidden "
+                f"states{', L2-normalised' if unit else ''} (sentence-transformers)", "text_max_tokens": self.max_tokens}
+
+    def exportable(self) -> tuple[torch.nn.Module, object] | None:
+        """(module(input_ids, attention_mask) -> the vectors `__call__` gives, the tokenizer) for
+        `gannet export --with-encoder`; None for the hashed encoder, which has no network."""
+        return None if self._model is None else (Pipeline(self._model, self._normalize), self._model.tokenizer)
+
+
+class Pipeline(torch.nn.Module):
+    """The encoder's whole sentence-transformers pipeline (transformer, pooling, any Dense or
+    Normalize) behind plain tensors: one module, so an exported encoder computes what gannet does."""
+
+    def __init__(self, model: torch.nn.Module, normalize: bool):
+        super().__init__()
+        self.model, self.normalize = model, normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vectors = self.model({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+        return torch.nn.functional.normalize(vectors, dim=1) if self.normalize else vectors
+
 
 def hashed_bag_of_words(caption: str) -> torch.Tensor:
     """Word counts hashed into HASHED_DIM bins (stable across processes and runs), L2-normalised."""

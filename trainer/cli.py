@@ -35,6 +35,8 @@ EPILOG = f"""examples:
   gannet sample runs/my_photos --label tulip --out tulips.png  # a class by its folder's name
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
+  gannet export runs/{DEFAULT_CONFIG} --out sngan.onnx  # G_ema as ONNX; --out sngan.pt2 for torch.export
+  gannet sample sngan.onnx --seed 0 --out grid.png  # the run's grid, drawn by the file
   gannet bench scaling --processes 1 2            # images/s on 1 vs 2 processes
   accelerate launch -m gannet train {DEFAULT_CONFIG}   # same code, many processes
 """
@@ -49,7 +51,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     parser.add_argument("--version", action="version", version=f"gannet {__version__}", help="print gannet's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (gannet COMMAND --help)")
     for add in (add_train_parser, add_resume_parser, add_shards_parser, add_sample_parser, add_eval_parser, add_bench_parser,
-                add_verify_parser):
+                add_verify_parser, add_export_parser):
         add(sub)
     return parser, {**COMMANDS, **add_plugin_commands(sub)}
 
@@ -127,8 +129,9 @@ def add_shards_parser(sub: argparse._SubParsersAction) -> None:
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
         "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
-        "in --input into the folder --out (--direction AtoB or BtoA)."))
-    p.add_argument("run_dir", type=Path, help="the run directory to draw from")
+        "in --input into the folder --out (--direction AtoB or BtoA). RUN_DIR may be a file `gannet export` "
+        "wrote (FILE.onnx, FILE.pt2): the same seed draws the same grid."))
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|FILE", help="a run directory, or a file gannet export wrote (.onnx, .pt2)")
     p.add_argument("--out", type=Path, required=True, help="PNG path (a folder with --direction)")
     p.add_argument("--direction", choices=["AtoB", "BtoA"], help="translate --input with this generator (CycleGAN)")
     p.add_argument("--input", type=Path, help="folder of images to translate (with --direction)")
@@ -381,8 +384,13 @@ def _write_image_shards(args: argparse.Namespace, holdout: dict[str, int]) -> di
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from gannet.trainer.evaluation.sampling import sample_grid, translate_folder
+    from gannet.trainer.export import exported_file
 
+    if exported_file(args.run_dir):  # a file `gannet export` wrote: the same options, drawn by the file
+        from gannet.trainer.export import sample_file as sample_grid
+        from gannet.trainer.export import translate_file as translate_folder
+    else:
+        from gannet.trainer.evaluation.sampling import sample_grid, translate_folder
     if (args.direction is None) != (args.input is None):
         raise ConfigError("--direction and --input go together: gannet sample RUN --direction AtoB --input DIR --out DIR")
     if args.direction:
@@ -508,6 +516,41 @@ def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[
     return {ep.name: ep.load()(sub) for ep in entry_points(group="gannet.commands")}
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained generator to ONNX or torch.export (.pt2)", description=(
+        "Write RUN_DIR's generator (G_ema where the run keeps one) as a file that runs without gannet: ONNX for "
+        "onnxruntime and other runtimes (needs pip install 'gannet[export]'), .pt2 for torch.export.load. Images "
+        "come out (and, for CycleGAN, go in) as N x C x H x W in [0, 1], or uint8 with --pixels uint8; the file "
+        "holds the recipe, image size, channels, z size, class names, step, run and gannet version. Each file is "
+        "read back and checked against PyTorch before it is kept. `gannet sample FILE` draws from it."))
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (runs/NAME) to export from")
+    p.add_argument("--out", type=Path, required=True, help=(
+        "FILE.onnx or FILE.pt2 (a .pt2 gets FILE.json beside it); CycleGAN writes FILE.AtoB.onnx and FILE.BtoA.onnx"))
+    p.add_argument("--format", choices=["onnx", "pt2"], help="default: from --out's suffix")
+    p.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
+    p.add_argument("--raw", action="store_true", help="export the trained G, not its average (runs with recipe.ema_kimg > 0)")
+    p.add_argument("--batch", default="dynamic", metavar="dynamic|N", help="dynamic batch size (default) or a fixed N")
+    p.add_argument("--pixels", choices=["float", "uint8"], default="float",
+                   help="images as float32 in [0, 1] (default) or uint8 0..255, rounded as gannet's PNGs are")
+    p.add_argument("--direction", metavar="NAME", help="CycleGAN: export one direction only (AtoB or BtoA), to --out itself")
+    p.add_argument("--with-encoder", action="store_true", help=(
+        "text-to-image runs: also export the sentence encoder (FILE.encoder.onnx, token ids -> embedding) and its "
+        "tokenizer (FILE.tokenizer.json)"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gannet.trainer.export import export_run
+
+    if args.batch != "dynamic" and not (args.batch.isdigit() and int(args.batch) > 0):
+        raise ConfigError(f"--batch {args.batch}: give dynamic or a batch size >= 1")
+    written = export_run(args.run_dir, args.out, fmt=args.format, step=args.step, raw=args.raw,
+                         batch=None if args.batch == "dynamic" else int(args.batch), pixels=args.pixels,
+                         name=args.direction, with_encoder=args.with_encoder)
+    for export in written:
+        print(export.line())
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from gannet.trainer.checkpoint.store import checkpoint_dir, verify_run
 
@@ -522,4 +565,4 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "export": cmd_export}

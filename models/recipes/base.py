@@ -77,6 +77,29 @@ class Examples(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GeneratorInput:
+    """One input of a generator as it leaves gannet (`gannet export`): what a caller feeds it, by name."""
+
+    name: str  # its name in an exported file: z, label, text_emb, image
+    # noise: N(0, I); label: a class index (int64); embedding: a sentence embedding made by `encoder`;
+    # image: a real image in [-1, 1] (an export takes it in the file's pixel range; its H and W are free)
+    kind: Literal["noise", "label", "embedding", "image"]
+    shape: tuple[int, ...]  # one sample's shape (an image's: channels, H, W as trained)
+    classes: int = 0  # label: how many classes there are
+    encoder: str = ""  # embedding: the data.text_encoder that makes it (gannet.models.text)
+
+
+@dataclass
+class Generator:
+    """A trained generator that a run hands out (`gannet export`): `module(*inputs)` in the order of
+    `inputs` returns images in [-1, 1], or a tuple whose first item they are (a text G adds its KL)."""
+
+    module: nn.Module
+    inputs: tuple[GeneratorInput, ...]
+    weights: str  # which network's weights it holds, as a checkpoint names them: G_ema, G, G.AB
+
+
 @dataclass
 class RecipeParams:
     """The `recipe:` section of a config. Each recipe subclasses it with its own typed fields."""
@@ -149,6 +172,13 @@ class Recipe(ABC):
     @abstractmethod
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Images from `fixed_inputs`-style inputs (no gradients; networks in eval mode)."""
+
+    def generators(self, nets: Mapping[str, nn.Module]) -> dict[str, Generator]:
+        """The generators this run hands out as files (`gannet export`), by name ("G"; CycleGAN's
+        "AtoB" and "BtoA"): plain modules and the inputs they take, so an export needs no recipe code
+        and the engine never asks which GAN it runs. `sample_raw` picks G over its average here too."""
+        del nets
+        raise GannetError(f"recipe {self.params.name} hands out no generator for export")
 
     def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
         """What each sample of `inputs` was asked to show, in words: the prompts table beside a
@@ -422,3 +452,11 @@ class AdversarialRecipe(Recipe):
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.generator(nets)(inputs["z"], *self.conditions(inputs))
+
+    def generator_inputs(self) -> tuple[GeneratorInput, ...]:
+        """What G takes, in order: z, then what `conditions` adds (conditional recipes extend it)."""
+        return (GeneratorInput("z", "noise", (self.cfg.model.z_dim,)),)
+
+    def generators(self, nets: Mapping[str, nn.Module]) -> dict[str, Generator]:
+        weights = "G_ema" if "G_ema" in nets and not self.sample_raw else "G"
+        return {"G": Generator(nets[weights], self.generator_inputs(), weights)}

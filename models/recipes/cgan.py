@@ -17,6 +17,7 @@ from torch import nn
 
 from gannet.models import conditional  # noqa: F401  (registers the conditional networks)
 from gannet.models.recipes import register
+from gannet.models.recipes.base import GeneratorInput
 from gannet.models.recipes.gan import GAN, GANParams
 from gannet.trainer.errors import ConfigError, DataError
 
@@ -51,6 +52,9 @@ class ConditionalGAN(GAN):
             raise DataError(f"cgan needs class labels in [0, model.num_classes={self.cfg.model.num_classes}) in every "
                             f"sample (the .cls field); got labels {label.min().item()}..{label.max().item()}")
         return (label,)
+
+    def generator_inputs(self) -> tuple[GeneratorInput, ...]:
+        return (*super().generator_inputs(), GeneratorInput("label", "label", (), classes=self.cfg.model.num_classes))
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Noise plus classes in turn (0, 1, ..., 9, 0, ...): grids and evaluations cover every class."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from gannet.models import networks
 from gannet.models.recipes import register
-from gannet.models.recipes.base import Examples, Recipe, RecipeParams, Step
+from gannet.models.recipes.base import Examples, Generator, GeneratorInput, Recipe, RecipeParams, Step
 from gannet.trainer.config.schema import Config
 from gannet.trainer.errors import ConfigError
 
@@ -170,6 +170,11 @@ class CycleGAN(Recipe):
     def translate(self, nets: Mapping[str, nn.Module], images: torch.Tensor, direction: str) -> torch.Tensor:
         """`gannet sample RUN --direction AtoB|BtoA`: one generator applied to a batch of real images."""
         return nets["G"](images, DIRECTIONS[direction])
+
+    def generators(self, nets: Mapping[str, nn.Module]) -> dict[str, Generator]:
+        """Both directions, each a plain image -> image network (fully convolutional: any H, W it accepts)."""
+        image = GeneratorInput("image", "image", (self.cfg.data.channels, self.cfg.data.image_size, self.cfg.data.image_size))
+        return {direction: Generator(nets["G"][key], (image,), f"G.{key}") for direction, key in DIRECTIONS.items()}
 
     def state_dict(self) -> dict:
         """This rank's image pools (its own past fakes)."""

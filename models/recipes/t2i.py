@@ -31,10 +31,10 @@ from torch import nn
 
 from gannet.models import conditional, penalties
 from gannet.models.recipes import register
-from gannet.models.recipes.base import Step
+from gannet.models.recipes.base import GeneratorInput, Step
 from gannet.models.recipes.cgan import check_networks
 from gannet.models.recipes.gan import GAN, GANParams
-from gannet.models.text import SentenceEncoder
+from gannet.models.text import SentenceEncoder, embedding_dim
 from gannet.trainer.errors import ConfigError
 
 
@@ -169,6 +169,10 @@ class TextToImageGAN(GAN):
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.generator(nets)(inputs["z"], inputs["text_emb"])[0]
+
+    def generator_inputs(self) -> tuple[GeneratorInput, ...]:
+        encoder = self.cfg.data.text_encoder
+        return (*super().generator_inputs(), GeneratorInput("text_emb", "embedding", (embedding_dim(encoder),), encoder=encoder))
 
     def captions(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
         return [self.prompts[int(i)][0] for i in inputs["prompt"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -22,6 +22,9 @@ from gannet.trainer.data.shards import image_fields, image_files
 from gannet.trainer.data.stream import ShardExamples, decode_image_sample, expand_urls
 from gannet.trainer.errors import ConfigError, GannetError
 from gannet.trainer.evaluation.images import grid_array, save_grid
+
+# What G draws from besides noise, by the recipe's declared `condition`, as generator inputs name it.
+CONDITION_INPUT = {"": "noise", "label": "label", "text": "embedding"}
 
 
 def open_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None) -> tuple[Config, Recipe, dict[int, Path]]:
@@ -81,41 +84,56 @@ def sample_grid(run_dir: Path, out: Path, *, n: int, seed: int, label: str | int
     text-to-image GAN. A run that keeps an EMA of G draws from it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir)
     recipe.sample_raw = raw
-    if recipe.translates:
-        raise GannetError(f"{run_dir} trained {cfg.recipe.name}, which translates real images and does not sample noise: "
-                          f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
-    if label is not None and recipe.condition != "label":
-        raise GannetError(f"--label needs a class-conditional run (recipe cgan); {run_dir} is {cfg.recipe.name}")
-    label = None if label is None else class_index(cfg, label)
-    if texts and recipe.condition != "text":
-        raise GannetError(f"--text needs a text-to-image run (recipe t2i); {run_dir} is {cfg.recipe.name}")
-    if texts and len(texts) > 2:
-        raise GannetError("--text: give one caption, or two to interpolate between")
-    if label is not None and not 0 <= label < cfg.model.num_classes:
-        raise GannetError(f"--label {label} is not a class of this run (0..{cfg.model.num_classes - 1})")
+    kinds = {"image"} if recipe.translates else {"noise", CONDITION_INPUT[recipe.condition]}
+    if label is not None and "label" in kinds:
+        label = class_index(cfg, label)
+    check_request(str(run_dir), cfg.recipe.name, kinds, label, texts, cfg.model.num_classes)
     nets = load_networks(recipe, kept[max(kept)])
+    return draw_grid(out, n=n, seed=seed, label=label, texts=texts, interpolate=interpolate, z_dim=cfg.model.z_dim,
+                     encode=recipe.encode, default=recipe.fixed_inputs, generate=lambda inputs: recipe.generate(nets, inputs))
+
+
+def draw_grid(out: Path, *, n: int, seed: int, label: int | None, texts: list[str] | None, interpolate: int, z_dim: int,
+              encode: Callable[[list[str]], torch.Tensor], default: Callable[[int, torch.Generator], dict[str, torch.Tensor]],
+              generate: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> Path:
+    """The grid's inputs from `seed`, drawn alike for a run and for an exported file (`gannet.trainer.export`),
+    so both give the same picture: `default` draws the run's own grid inputs."""
     noise = torch.Generator().manual_seed(seed)
     nrow = None
     if label is not None:
-        inputs = {"z": torch.randn(n, cfg.model.z_dim, generator=noise), "label": torch.full((n,), label)}
+        inputs = {"z": torch.randn(n, z_dim, generator=noise), "label": torch.full((n,), label)}
     elif texts:
         steps = interpolate if len(texts) == 2 else 1
         rows = max(n // steps, 1)
-        z = torch.randn(rows, cfg.model.z_dim, generator=noise).repeat_interleave(steps, dim=0)
-        first, second = recipe.encode(texts if len(texts) == 2 else texts * 2)
+        z = torch.randn(rows, z_dim, generator=noise).repeat_interleave(steps, dim=0)
+        first, second = encode(texts if len(texts) == 2 else texts * 2)
         beta = torch.linspace(0, 1, steps).repeat(rows)[:, None] if steps > 1 else torch.zeros(rows, 1)
         inputs, nrow = {"z": z, "text_emb": (1 - beta) * first + beta * second}, (steps if steps > 1 else None)
     else:
-        inputs = recipe.fixed_inputs(n, noise)
+        inputs = default(n, noise)
     with torch.no_grad():
-        images = recipe.generate(nets, inputs)
+        images = generate(inputs)
     return save_grid(images, out, nrow=nrow)
 
 
-def decode_images(files: list[Path], cfg: Config) -> torch.Tensor:
-    """Image files as the run's networks take them: resized to its image size and channels, as in training."""
-    return torch.stack([decode_image_sample(image_fields(path), cfg.data.image_size, cfg.data.channels)["image"]
-                        for path in files])
+def check_request(source: str, recipe: str, kinds: set[str], label: int | None, texts: list[str] | None, classes: int) -> None:
+    """What a grid asks for must be what the generator (a run's, or an exported file's) draws from."""
+    if "image" in kinds:
+        raise GannetError(f"{source} trained {recipe}, which translates real images and does not sample noise: "
+                          f"use `gannet sample RUN --direction AtoB --input DIR --out DIR`")
+    if label is not None and "label" not in kinds:
+        raise GannetError(f"--label needs a class-conditional run (recipe cgan); {source} is {recipe}")
+    if texts and "embedding" not in kinds:
+        raise GannetError(f"--text needs a text-to-image run (recipe t2i); {source} is {recipe}")
+    if texts and len(texts) > 2:
+        raise GannetError("--text: give one caption, or two to interpolate between")
+    if label is not None and not 0 <= label < classes:
+        raise GannetError(f"--label {label} is not a class of this run (0..{classes - 1})")
+
+
+def decode_images(files: list[Path], image_size: int, channels: int) -> torch.Tensor:
+    """Image files as a run's networks take them: resized to its image size and channels, as in training."""
+    return torch.stack([decode_image_sample(image_fields(path), image_size, channels)["image"] for path in files])
 
 
 def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Path, *, batch_size: int = 16) -> list[Path]:
@@ -125,13 +143,19 @@ def translate_folder(run_dir: Path, direction: str, input_dir: Path, out_dir: Pa
     if not recipe.translates:
         raise GannetError(f"{run_dir} trained recipe {cfg.recipe.name!r}, which does not translate images (CycleGAN does)")
     files = image_files(input_dir)
-    images = decode_images(files, cfg)
+    images = decode_images(files, cfg.data.image_size, cfg.data.channels)
     nets = load_networks(recipe, kept[max(kept)])
+    return write_translations(files, images, lambda batch: recipe.translate(nets, batch, direction), out_dir, batch_size)
+
+
+def write_translations(files: list[Path], images: torch.Tensor, translate: Callable[[torch.Tensor], torch.Tensor],
+                       out_dir: Path, batch_size: int = 16) -> list[Path]:
+    """OUT_DIR/NAME.png for each input file, translated in batches (by a run or an exported file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
         for start in range(0, len(files), batch_size):
-            fakes = recipe.translate(nets, images[start : start + batch_size], direction)
+            fakes = translate(images[start : start + batch_size])
             for path, fake in zip(files[start : start + batch_size], fakes):
                 written.append(out_dir / f"{path.stem}.png")
                 Image.fromarray(grid_array(fake[None], nrow=1, pad=0)).save(written[-1])

@@ -43,7 +43,7 @@ def heldout_folder(cfg: Config, domain: str) -> Path:
 
 
 def read_folder(folder: Path, cfg: Config) -> torch.Tensor:
-    return decode_images(image_files(folder), cfg)
+    return decode_images(image_files(folder), cfg.data.image_size, cfg.data.channels)
 
 
 def domain_classifier(cfg: Config, train: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor]):
