@@ -122,7 +122,7 @@ class SentenceEncoder:
         """How a caption becomes its vector, in words: what an exported text G says it expects."""
         if self._model is None:
             return {"text_encoder": self.name, "text_pooling": "hashed word counts (gannet.models.text.hashed_bag_of_words), L2-normalised"}
-        pooling = [m.get_pooling_mode_str() for m in self._model if hasattr(m, "get_pooling_mode_str")]
+        pooling = [str(m.pooling_mode) for m in self._model if hasattr(m, "pooling_mode")]
         unit = self._normalize or any(type(m).__name__ == "Normalize" for m in self._model)
         return {"text_encoder": self.name, "text_pooling": f"{'+'.join(pooling) or 'the pipeline'} pooling of the last hidden "
                 f"states{', L2-normalised' if unit else ''} (sentence-transformers)", "text_max_tokens": self.max_tokens}

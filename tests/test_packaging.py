@@ -127,6 +127,11 @@ def third_party(module: str) -> bool:
     return top not in sys.stdlib_module_names and top not in ("gannet", "tests", "__future__")
 
 
+def private(part: str) -> bool:
+    """`_x` is a library's internal; `__version__` and other dunders are public."""
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
 def private_names(path: Path) -> set[str]:
     """Dotted names of library internals `path` reaches: imports with a private part, and private
     attributes of names it imported from a library (`nn.modules.instancenorm._InstanceNorm`)."""
@@ -140,15 +145,15 @@ def private_names(path: Path) -> set[str]:
             for a in node.names:
                 full = f"{node.module}.{a.name}"
                 bound[a.asname or a.name] = full
-                if any(part.startswith("_") for part in full.split(".")):
+                if any(private(part) for part in full.split(".")):
                     found.add(full)
     for node in ast.walk(tree):
         chain = []
         while isinstance(node, ast.Attribute):
             chain.insert(0, node.attr)
             node = node.value
-        if isinstance(node, ast.Name) and node.id in bound and any(p.startswith("_") and not p.startswith("__") for p in chain):
-            cut = next(i for i, p in enumerate(chain) if p.startswith("_")) + 1
+        if isinstance(node, ast.Name) and node.id in bound and any(private(p) for p in chain):
+            cut = next(i for i, p in enumerate(chain) if private(p)) + 1
             found.add(".".join([bound[node.id], *chain[:cut]]))
     return found
 
@@ -178,9 +183,10 @@ def imported_distributions(folders: tuple[str, ...]) -> dict[str, str]:
 
 def test_every_imported_package_is_declared_and_every_declared_one_is_used():
     runtime, tests = requirements(), requirements("test")
+    extras = {dist for group in ("export",) for dist in requirements(group)}  # optional features, imported where used
     used = imported_distributions(SOURCES)
-    missing = {dist: where for dist, where in used.items() if dist not in runtime}
-    assert not missing, f"imported by gannet but not in pyproject's dependencies: {missing}"
+    missing = {dist: where for dist, where in used.items() if dist not in runtime and dist not in extras}
+    assert not missing, f"imported by gannet but not in pyproject's dependencies or an extra: {missing}"
     unused = set(runtime) - set(used)
     assert not unused, f"declared in pyproject's dependencies but never imported by gannet: {sorted(unused)}"
     used_by_tests = imported_distributions(("tests",))

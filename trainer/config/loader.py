@@ -122,7 +122,10 @@ def _merge(base: dict, update: dict) -> None:
 
 # Keys renamed since runs saved them in config.yaml (and users wrote them in their YAML): old -> new.
 # Read under the new name with a warning, so `gannet resume` of an older run keeps working.
-RENAMED = {"data.retry_backoff": "data.retry_backoff_s"}  # seconds are `_s` everywhere
+RENAMED = {
+    "data.retry_backoff": "data.retry_backoff_s",  # seconds are `_s` everywhere
+    "data.flip": "data.mirror",  # StyleGAN's name for the random x-flip, now for every recipe
+}
 
 
 def _renamed(raw: dict) -> dict:
@@ -185,17 +188,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-RENAMED = {"data.flip": "data.mirror"}  # old keys, named in the error a config that still uses one gets
-
-
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     unknown = sorted(set(raw) - set(names), key=str)  # YAML keys may be numbers, null, ...
-    if unknown and f"{prefix}{unknown[0]}" in RENAMED:
-        raise ConfigError(f"{prefix}{unknown[0]} is now {RENAMED[prefix + str(unknown[0])]} (the same setting)")
     if unknown:
         raise ConfigError(f"unknown key {_shown(prefix + str(unknown[0]))} (allowed in {prefix.rstrip('.') or 'the top level'}: "
                           f"{', '.join(names)})")
