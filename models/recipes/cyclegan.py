@@ -76,7 +76,9 @@ class ImagePool:
             return images
         out = []
         for image in images.unsqueeze(1):
-            if len(self.images) < self.size:
+            if not torch.isfinite(image).all():  # from a step that is skipped: never kept, never shown to D again
+                out.append(image)
+            elif len(self.images) < self.size:
                 self.images.append(image)
                 out.append(image)
             elif torch.rand(()).item() > 0.5:
