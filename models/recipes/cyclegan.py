@@ -32,7 +32,7 @@ from torch import nn
 
 from gannet.models import networks
 from gannet.models.recipes import register
-from gannet.models.recipes.base import Examples, Recipe, RecipeParams, Step
+from gannet.models.recipes.base import Examples, Recipe, RecipeParams, Step, d_scale
 from gannet.trainer.config.schema import Config
 from gannet.trainer.errors import ConfigError
 
@@ -149,6 +149,7 @@ class CycleGAN(Recipe):
             **{k: v.detach() for k, v in terms.items()},
             "d_real": torch.stack([real_out.float().mean() for real_out, _ in outs.values()]).mean().detach(),
             "d_fake": torch.stack([fake_out.float().mean() for _, fake_out in outs.values()]).mean().detach(),
+            "d_scale": d_scale(*(out for pair in outs.values() for out in pair)),
         }
 
     def equilibrium(self) -> dict[str, float]:
