@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from gannet.trainer.checkpoint.store import CheckpointError
+from gannet.trainer.errors import CheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gannet.trainer.checkpoint.statefile import load_state, nonfinite_entries, save_state
-from gannet.trainer.errors import GannetError
+from gannet.trainer.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -51,10 +51,6 @@ CHUNK = 1 << 20  # bytes hashed per read: memory stays flat whatever the file si
 NONFINITE = "non-finite values in "  # how a refused write's reason begins, on every rank
 
 log = logging.getLogger("gannet")
-
-
-class CheckpointError(GannetError):
-    """No usable checkpoint where one is needed, or one that cannot be read."""
 
 
 class NonfiniteCheckpoint(CheckpointError):
