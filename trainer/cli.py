@@ -266,7 +266,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"  translation accuracy A->B {r['translation_accuracy_ab']:.1%}  B->A {r['translation_accuracy_ba']:.1%}\n"
               f"  FID A->B {r['fid_ab']:.2f}  B->A {r['fid_ba']:.2f}\n"
               f"  held-out cycle L1 A {r['cycle_l1_a']:.4f}  B {r['cycle_l1_b']:.4f}\n"
-              f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")
+              + "".join(f"  warning: {w}\n" for w in r["divergence"]["warnings"])
+              + f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")
         return 0
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
