@@ -126,6 +126,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "the DCGAN/LSGAN default against the PyTorch DCGAN example's step), and the loader alone against what "
         "the step consumes; overrides apply to both models; --out gets speedup and loader_ratio per model"))
     p.add_argument("--loader-seconds", type=float, default=10.0, help="with --speed: seconds the loader is timed (default 10)")
+    p.add_argument("--guard", action="store_true", help=(
+        "instead: CONFIG's training step with the divergence guard's per-step checks and without, in turns in this "
+        "process, --steps steps per block (default 20) x --rounds (e.g. gannet bench sngan_mnist --guard)"))
+    p.add_argument("--rounds", type=int, default=10, help="with --guard: alternating blocks per mode (default 10)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +309,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         speed_bench(args.overrides, steps=args.steps or 5, seconds=args.loader_seconds, out=args.out)
         return 0
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, not inside a launched process
+    if args.guard:
+        from gannet.trainer.bench.guard import guard_bench
+
+        guard_bench(args.config, args.overrides, steps=args.steps or 20, rounds=args.rounds, out=args.out)
+        return 0
     args.steps = args.steps or 60
     if args.loader is not None:
         from gannet.trainer.bench.loader import loader_bench
