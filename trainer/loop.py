@@ -90,9 +90,9 @@ def train(cfg: Config) -> Path:
             log.info("stopped at step %d for the cluster (time limit or preemption); resume=auto continues", step)
             break
 
-    tracker.finish()  # flush the dashboard, then leave the process group cleanly
+    tracker.finish()  # flush the dashboard, then leave the process groups cleanly
     engine = job.engine
-    engine.close()
+    job.close()
     if engine.is_main:
         log.info("finished %s at step %d; samples in %s", cfg.run_path, step, cfg.run_path / "samples")
     return cfg.run_path

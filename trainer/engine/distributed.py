@@ -19,6 +19,7 @@ docs/architecture.md:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -274,12 +275,38 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        """End cleanly: a barrier, then tear the process group down (DDP processes on CPU otherwise
-        crash in teardown about one run in 15)."""
+        """End cleanly, on every rank: meet, let every process group finish the work queued on it,
+        tear the groups down, and let go of the networks, optimizers and groups, so gloo's worker
+        threads are joined here. A collective still running when the interpreter exits kills the
+        process with SIGABRT ("terminate called without an active exception": its thread finishes
+        the work while Python is torn down). ZeRO-3 prefetches parameters with asynchronous
+        all-gathers on DeepSpeed's own copy of the world group, which a barrier on WORLD does not
+        wait for and destroy_process_group() does not stop; a barrier on each group does. (Not
+        Accelerate's end_training(): it would destroy the groups first, and gannet has no trackers there.)"""
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if grouped:
+            for group in process_groups():
+                torch.distributed.barrier(group=group)
+        self._release()
+        if grouped:
+            self._destroy_groups()
+        gc.collect()  # the groups' last references go with the networks' cycles: their threads are joined now
+
+    def _release(self) -> None:
+        """Drop the wrapped networks and optimizers, here and in Accelerate."""
+        self.nets, self.optimizers, self.data = {}, {}, None
+        self.accelerator.free_memory()
+
+    def _destroy_groups(self) -> None:
+        torch.distributed.destroy_process_group()
+
+
+def process_groups() -> list[Any]:
+    """Every process group of this process, WORLD first (torch keeps no public list of them)."""
+    world = torch.distributed.group.WORLD
+    others = getattr(getattr(torch.distributed.distributed_c10d, "_world", None), "pg_names", {})
+    return [world, *(group for group in others if group is not world)]
 
 
 class DDPEngine(Engine):
@@ -467,6 +494,29 @@ class DeepSpeedEngine(Engine):
             return
         for p in self.module(name).parameters():
             p.grad = None
+
+    def _release(self) -> None:
+        """DeepSpeed's engines first (ZeRO-3's parameter coordinator and hooks), then what ZeRO-3
+        keeps for the life of the process, and with it the networks and every parameter's reference
+        to the process groups: its stack of modules in a forward (a network used without a backward
+        of its own stays there: D, in G's step), and its coordinator's per-class cache of the
+        parameters each module releases (a functools.lru_cache keyed by coordinator and module)."""
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+        for name in self.optimizers:
+            self.nets[name].destroy()
+        getattr(parameter_offload, "FWD_MODULE_STACK", []).clear()
+        for method in vars(getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", object)).values():
+            for cell in getattr(method, "__closure__", None) or ():  # under DeepSpeed's NVTX wrapper
+                if hasattr(cell.cell_contents, "cache_clear"):
+                    cell.cell_contents.cache_clear()
+        super()._release()
+
+    def _destroy_groups(self) -> None:
+        """Through deepspeed.comm: torch's groups, and DeepSpeed's module-level references to them."""
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()
 
     def _gathered(self, name: str) -> Any:
         import deepspeed
