@@ -96,7 +96,7 @@ class TrainConfig:
     # and MAD of its own last spike_window steps, on log(1 + |value|); 0 = no spike detection.
     spike_window: int = 100
     spike_threshold: float = 8.0  # a step is flagged when a value exceeds the median by this many MADs (x1.4826) ...
-    spike_ratio: float = 10.0  # ... and 1 + |value| is over this many times 1 + |median|
+    spike_ratio: float = 100.0  # ... and 1 + |value| is over this many times 1 + |median|
     max_spikes: int = 3  # flagged steps in a row that roll back (as train.max_nonfinite skipped steps do)
     max_rollbacks: int = 3  # rollbacks (spikes or non-finite) one attempt may take; the next divergence stops the run
     rollback_skip: bool = False  # after a rollback, skip the batches the undone steps drew (PaLM skipped 200-500)

@@ -576,12 +576,14 @@ def deferred_errors(writer: Any) -> Iterator[list[Exception]]:
     failed: list[Exception] = []
     save = writer.save
 
-    def deferred(state: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+    def deferred(*args: Any, **kwargs: Any) -> Any:  # save(state_dict, path), by position or by name
         if failed:
             return None
         try:
-            require_finite(state, Path(path).name)
-            return save(state, path, *args, **kwargs)
+            state = args[0] if args else kwargs.get("state_dict")
+            path = args[1] if len(args) > 1 else kwargs.get("path")
+            require_finite(state, Path(str(path)).name)
+            return save(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported by the caller, after DeepSpeed's barriers
             failed.append(exc)
             return None
