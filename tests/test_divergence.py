@@ -34,7 +34,7 @@ from gannet.trainer.config.loader import load_config
 from gannet.trainer.data.stream import open_stream, stream_urls
 from gannet.trainer.engine.distributed import free_port
 from gannet.trainer.engine.setup import setup
-from gannet.trainer.guard import SpikeDetector
+from gannet.trainer.guard import SpikeDetector, Watch
 from gannet.trainer.tracking.tracker import read_metrics as metrics
 from tests.conftest import BIN, REPO, process_env, run, tiny_overrides
 
@@ -139,6 +139,24 @@ def test_saving_refuses_a_state_that_holds_nan_and_writes_nothing(tmp_path):
                                                   r"weights: G\.w \(1 of 2\)$"):
         save_checkpoint(tmp_path, 3, rank=0, barrier=lambda: None, weights=weights, shared={}, per_rank={}, keep=2)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_deepspeeds_writer_refuses_an_optimizer_moment_that_holds_inf(small_shards, tmp_path):
+    """DeepSpeed writes its optimizer partitions itself (torch.save, inside its own barriers): the
+    check sits in its writer, names the file, and the whole checkpoint is refused."""
+    cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path / "run", **{
+        **TINY, "train.strategy": "deepspeed", "optim.g.zero_stage": 2, "optim.d.zero_stage": 2}))
+    job = setup(cfg)
+    job.engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)
+    job.recipe.iteration(job.engine)
+    moments = next(iter(job.engine.optimizers["D"].optimizer.state.values()))
+    moments["exp_avg_sq"].view(-1)[0] = float("inf")
+    refused = gannet.trainer.loop.save(cfg, job, Watch(cfg.train, speaks=False), 1)
+    assert refused is not None and refused.kind == "state"
+    assert re.match(r"checkpoint step-00000001 not written: non-finite values in \S*optim_states\.pt: "
+                    r"optimizer_state_dict\.\S*exp_avg_sq \(1 of \d+\)", refused.what), refused.what
+    assert list_checkpoints(tmp_path / "run") == [] and not list((tmp_path / "run" / "checkpoints").iterdir())
+    job.close()
 
 
 def test_a_state_that_cannot_be_saved_rolls_back_and_is_never_written(small_shards, tmp_path, monkeypatch, caplog):
