@@ -126,7 +126,8 @@ class AdaController:
         self.p, self.signs, self.count, self.steps = 0.0, 0.0, 0.0, 0
 
     def observe(self, real_out: torch.Tensor, boundary: float) -> None:
-        self.signs += torch.sign(real_out.detach().float() - boundary).sum().item()
+        # a NaN output (its step is skipped) counts as on the boundary: the tally, saved, stays finite
+        self.signs += torch.sign(real_out.detach().float() - boundary).nan_to_num(0.0).sum().item()
         self.count += real_out.numel()
 
     def after_step(self, batch_images: int, mean: Callable[[torch.Tensor], torch.Tensor]) -> float | None:

@@ -9,7 +9,9 @@ HARNESS_NAN_BATCH=CALL:RANK makes that rank's batch number CALL all NaN, HARNESS
 makes D's gradient from that batch infinite with a finite loss (an overflow in backward): fault
 injection. Each rank then writes OUT.rankR.json: its count of skipped steps, a checksum of its
 weights, whether each skipped step left D's weights and optimizer state exactly as they were, and
-each DeepSpeed engine's (micro steps, optimizer steps, skipped steps) beside gannet's micro-batch count.
+each DeepSpeed engine's (micro steps, optimizer steps, skipped steps) beside gannet's micro-batch count,
+and after closing the job OUT.rankR.threads.json: the names of the threads still running (what the
+interpreter's teardown will meet).
 """
 
 from __future__ import annotations
@@ -104,7 +106,10 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
         Path(f"{out}.compile.txt").write_text(compile_report(len(engine.optimizers)))
     if engine.is_main:
         save_file({f"{name}.{k}": v.float().contiguous() for name, state in weights.items() for k, v in state.items()}, out)
-    engine.close()
+    rank = engine.rank
+    job.close()
+    with open(f"{out}.rank{rank}.threads.json", "w") as f:  # what is left running once the job is closed
+        json.dump(sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")), f)
 
 
 if __name__ == "__main__":

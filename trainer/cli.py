@@ -166,6 +166,7 @@ BENCH_MODES = {
              "loader vs what the step consumes",
     "step": "CONFIG's CycleGAN training step on the engine vs a plain eager re-implementation of the reference step",
     "loader": "the data loader alone on data.shards and on each SHARDS given (e.g. s3://BUCKET/PREFIX/), in turns",
+    "guard": "CONFIG's training step with the divergence guard's per-step checks against without them, in turns",
 }
 
 
@@ -180,7 +181,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=bench_modes_text())
     modes = p.add_subparsers(dest="mode", metavar="MODE", help="what to measure (the modes below)")
     for add in (add_bench_scaling_parser, add_bench_memory_parser, add_bench_speed_parser, add_bench_step_parser,
-                add_bench_loader_parser):
+                add_bench_loader_parser, add_bench_guard_parser):
         add(modes)
 
 
@@ -234,6 +235,13 @@ def add_bench_loader_parser(modes: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=int, nargs="+", metavar="PX", help=(
         "instead: the loader at these sizes (e.g. 64 128 256) on JPEG shards it writes itself, against plain "
         "Pillow decoding of the same bytes, with 1 and 2 workers; draft mode 512 -> 256; conversion with 1 and 2 workers"))
+
+
+def add_bench_guard_parser(modes: argparse._SubParsersAction) -> None:
+    p = _bench_mode(modes, "guard")
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=20, help="training steps per timed block (default 20)")
+    p.add_argument("--rounds", type=int, default=10, help="alternating blocks per side (default 10)")
 
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> None:
@@ -411,7 +419,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"  translation accuracy A->B {r['translation_accuracy_ab']:.1%}  B->A {r['translation_accuracy_ba']:.1%}\n"
               f"  FID A->B {r['fid_ab']:.2f}  B->A {r['fid_ba']:.2f}\n"
               f"  held-out cycle L1 A {r['cycle_l1_a']:.4f}  B {r['cycle_l1_b']:.4f}\n"
-              f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")
+              + "".join(f"  warning: {w}\n" for w in r["divergence"]["warnings"])
+              + f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")
         return 0
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
@@ -447,6 +456,14 @@ def _bench_config(args: argparse.Namespace) -> Config:
     if "=" in args.config:
         args.config, args.overrides = DEFAULT_CONFIG, [args.config, *args.overrides]
     return load_config(args.config, args.overrides)
+
+
+def cmd_bench_guard(args: argparse.Namespace) -> int:
+    from gannet.trainer.bench.guard import guard_bench
+
+    _bench_config(args)
+    guard_bench(args.config, args.overrides, steps=args.steps, rounds=args.rounds, out=args.out)
+    return 0
 
 
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
@@ -506,7 +523,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
 
 
 BENCH_COMMANDS = {"scaling": cmd_bench_scaling, "memory": cmd_bench_memory, "speed": cmd_bench_speed, "step": cmd_bench_step,
-                  "loader": cmd_bench_loader}
+                  "loader": cmd_bench_loader, "guard": cmd_bench_guard}
 
 
 def add_plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:

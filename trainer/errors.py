@@ -19,3 +19,7 @@ class ConfigError(GannetError):
 
 class DataError(GannetError):
     """The data stream cannot go on (missing shards, error budget spent, too few shards)."""
+
+
+class CheckpointError(GannetError):
+    """No usable checkpoint where one is needed, or one that cannot be read."""

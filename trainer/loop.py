@@ -1,7 +1,7 @@
 """The training loop: `train` is a skeleton of named phases, read top to bottom.
 
     run directory -> setup (engine, recipe, networks, optimizers) -> resume -> data stream
-    -> steps (iterate, log, sample, evaluate, checkpoint) -> close
+    -> steps (iterate, watch, log, sample, evaluate, checkpoint; roll back if diverged) -> close
 
 Every rank runs this same function; rank 0 alone writes logs, samples and shared checkpoint
 files. What a training iteration does is the recipe's business (gannet.models.recipes); how gradients
@@ -19,7 +19,14 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from gannet.trainer.checkpoint.store import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gannet.trainer.checkpoint.store import (
+    NonfiniteCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from gannet.trainer.config.loader import config_from_dict, config_to_dict
 from gannet.trainer.config.resume import check_resumable
 from gannet.trainer.config.schema import Config
@@ -30,6 +37,7 @@ from gannet.trainer.engine.setup import Job, setup
 from gannet.trainer.errors import ConfigError, GannetError
 from gannet.trainer.evaluation.evaluate import Evaluator
 from gannet.trainer.evaluation.images import grid_array, save_grid
+from gannet.trainer.guard import Divergence, Watch
 from gannet.trainer.tracking.tracker import Tracker
 
 log = logging.getLogger("gannet")
@@ -40,47 +48,51 @@ def train(cfg: Config) -> Path:
     shard_urls = stream_urls(cfg.data)  # a wrong path fails here, before any process group
     resume_from = resume_point(cfg)
     job = setup(cfg, ShardExamples(cfg))
-    engine, recipe = job.engine, job.recipe
+    engine = job.engine
     open_run_dir(cfg, engine)
     if engine.is_main:
         log.info(engine.fast.describe())  # what `auto` chose on this device, and why
     grid = fixed_grid(cfg, job)
-    step, data_state = restore(cfg, job, resume_from)
+    watch = Watch(cfg.train, speaks=engine.is_main)  # skipped (non-finite) steps and loss spikes: when to roll back
+    step, data_state = restore(cfg, job, watch, resume_from)
     engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
     tracker = Tracker(cfg.run_path, cfg, enabled=engine.is_main, start_step=step)
     evaluator = Evaluator(cfg) if cfg.eval.every and engine.is_main else None  # real-data features, once
     if step >= cfg.train.steps:
         log.info("%s is already at step %d of %d: nothing to do", cfg.run_path, step, cfg.train.steps)
 
-    meter, watch = Throughput(cfg.images_per_step(engine.world), step), NonfiniteWatch()
+    meter = Throughput(cfg.images_per_step(engine.world), step)
     while step < cfg.train.steps:
-        metrics = recipe.iteration(engine)
+        metrics = job.recipe.iteration(job.engine)
         for scheduler in job.schedulers.values():
             scheduler.step()
         step += 1
         tracker.advance()
-        if watch.streak(engine) >= cfg.train.max_nonfinite:  # diverged: back to the last good checkpoint, or stop
-            step = roll_back(cfg, job, tracker, watch, step, shard_urls)
-            meter = Throughput(cfg.images_per_step(engine.world), step)
+        scalars = step_scalars(job.engine, metrics)  # averaged over ranks: what the watch judges and the logs show
+        diverged, last, stop = watch.observe(step, scalars, job.engine.nonfinite_steps), step == cfg.train.steps, False
+        if diverged is None:
+            if step % cfg.train.log_every == 0 or last:
+                log_metrics(job, tracker, step, scalars, metrics, meter, watch)
+                report_compile(job)
+            if step % cfg.train.sample_every == 0 or last:
+                write_samples(cfg, job, tracker, step, grid)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                evaluate_now(cfg, job, tracker, evaluator, step)
+            # Slurm's warning signal (time limit, preemption): all ranks save this step and stop; the launcher requeues.
+            stop = step % cfg.train.log_every == 0 and preemption.agreed(job.engine)
+            if step % cfg.train.checkpoint_every == 0 or last or stop:
+                diverged = save(cfg, job, watch, step)  # a state holding NaN or Inf is not kept: diverged too
+        if diverged is not None:  # back to the last good checkpoint (or the start), or stop
+            job, step = roll_back(cfg, job, tracker, watch, step, shard_urls, diverged)
+            meter = Throughput(cfg.images_per_step(job.engine.world), step)
             continue
-        last = step == cfg.train.steps
-        if step % cfg.train.log_every == 0 or last:
-            log_metrics(job, tracker, step, metrics, meter)
-            report_compile(job)
-        if step % cfg.train.sample_every == 0 or last:
-            write_samples(cfg, job, tracker, step, grid)
-        if cfg.eval.every and step % cfg.eval.every == 0:
-            evaluate_now(cfg, job, tracker, evaluator, step)
-        # Slurm's warning signal (time limit, preemption): all ranks save this step and stop; the launcher requeues.
-        stop = step % cfg.train.log_every == 0 and preemption.agreed(engine)
-        if step % cfg.train.checkpoint_every == 0 or last or stop:
-            save(cfg, job, step)
         if stop and not last:
             log.info("stopped at step %d for the cluster (time limit or preemption); resume=auto continues", step)
             break
 
-    tracker.finish()  # flush the dashboard, then leave the process group cleanly
-    engine.close()
+    tracker.finish()  # flush the dashboard, then leave the process groups cleanly
+    engine = job.engine
+    job.close()
     if engine.is_main:
         log.info("finished %s at step %d; samples in %s", cfg.run_path, step, cfg.run_path / "samples")
     return cfg.run_path
@@ -140,15 +152,17 @@ def seed_everything(seed: int) -> None:
     set_seed(seed % 2**32)
 
 
-def restore(cfg: Config, job: Job, checkpoint: Path | None) -> tuple[int, dict | None]:
+def restore(cfg: Config, job: Job, watch: Watch, checkpoint: Path | None) -> tuple[int, dict | None]:
     """Seed each rank apart (each draws its own noise), then restore everything a checkpoint holds.
     Returns the step to continue from and this rank's data-stream position (None = from the start)."""
     engine = job.engine
     seed_everything(cfg.seed + 1000 * engine.rank)
     if checkpoint is None:
+        watch.load_state_dict(None)
         return 0, None
     weights, shared, own = load_checkpoint(checkpoint, engine.rank)
     engine.load_state(checkpoint, shared["engine"], weights)
+    watch.load_state_dict(shared.get("guard"))  # the spike detector's history (checkpoints before it have none)
     for name, scheduler in job.schedulers.items():
         scheduler.load_state_dict(shared["schedulers"][name])
     step, data_state = shared["step"], None
@@ -180,12 +194,17 @@ class Throughput:
         return rate
 
 
-def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.Tensor], meter: Throughput) -> None:
+def step_scalars(engine: Engine, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's scalar metrics averaged over ranks (one all-reduce): every rank judges the same values."""
+    names = sorted(k for k, v in metrics.items() if v.ndim == 0)
+    return dict(zip(names, engine.mean(torch.stack([metrics[k].float() for k in names])).tolist()))
+
+
+def log_metrics(job: Job, tracker: Tracker, step: int, scalars: dict[str, float], metrics: dict[str, torch.Tensor],
+                meter: Throughput, watch: Watch) -> None:
     """Scalars averaged over ranks as train/<key>; batch-shaped values (rank 0's) as histograms."""
     engine = job.engine
-    names = sorted(k for k, v in metrics.items() if v.ndim == 0)
-    values = engine.mean(torch.stack([metrics[k].float() for k in names])).tolist()
-    record = {f"train/{k}": v for k, v in zip(names, values)}
+    record = {f"train/{k}": v for k, v in scalars.items()}
     record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in job.schedulers.items()})
     record["data/skipped"] = float(engine.data.position.errors)
     record["data/retries"] = float(engine.data.position.retries)  # remote shards: transient failures retried
@@ -193,6 +212,7 @@ def log_metrics(job: Job, tracker: Tracker, step: int, metrics: dict[str, torch.
     if hasattr(engine.data, "meter"):  # how long steps waited for data, what the loader can deliver (mean over ranks)
         loader = engine.data.meter.take(step - meter.step)
         record.update(zip(loader, engine.mean(torch.tensor(list(loader.values()), device=engine.device)).tolist()))
+    record["train/spikes"], record["train/rollbacks"] = float(watch.spikes), float(watch.rollbacks)
     record["perf/images_per_s"] = meter.images_per_s(step)
     tracker.log(step, record, histograms={f"train/{k}": v.float().cpu() for k, v in metrics.items() if v.ndim > 0})
 
@@ -233,59 +253,89 @@ def evaluate_now(cfg: Config, job: Job, tracker: Tracker, evaluator: Evaluator |
         tracker.log(step, Evaluator.scalars(scores))
 
 
-class NonfiniteWatch:
-    """Counts consecutive iterations in which an optimizer step was skipped (a non-finite loss or
-    gradient on some rank: the engine skips such steps on every rank, leaving weights untouched),
-    and remembers the checkpoints already rolled back to."""
-
-    def __init__(self) -> None:
-        self.seen, self.count, self.rolled_back = 0, 0, set()
-
-    def streak(self, engine: Engine) -> int:
-        self.count = self.count + 1 if engine.nonfinite_steps > self.seen else 0
-        self.seen = engine.nonfinite_steps
-        return self.count
-
-
-def roll_back(cfg: Config, job: Job, tracker: Tracker, watch: NonfiniteWatch, step: int, shard_urls: list[list[str]]) -> int:
-    """After train.max_nonfinite bad steps in a row: restore the latest checkpoint (weights,
-    optimizers, schedules, RNG, data position) with learning rates x train.rollback_lr_factor, and
-    continue from its step. Stops with one line when told to, with nothing to roll back to, or when
-    the same checkpoint diverged again."""
-    engine, checkpoint = job.engine, latest_checkpoint(cfg.run_path)
-    what = (f"training diverged: {cfg.train.max_nonfinite} steps in a row with a non-finite loss or gradient, "
-            f"up to step {step} (their updates were skipped: no weight holds a non-finite value)")
-    if cfg.train.on_nonfinite == "stop" or checkpoint is None or checkpoint in watch.rolled_back:
-        why = ("train.on_nonfinite=stop" if cfg.train.on_nonfinite == "stop" else "no checkpoint to roll back to"
-               if checkpoint is None else f"it diverged again after rolling back to {checkpoint.name}")
+def roll_back(cfg: Config, job: Job, tracker: Tracker, watch: Watch, step: int, shard_urls: list[list[str]],
+              diverged: Divergence) -> tuple[Job, int]:
+    """After a divergence (`Watch.observe`, or a state that could not be saved): restore the latest
+    verified checkpoint (weights, optimizers, schedules, RNG, data position, the spike detector's
+    history), or with none yet start over from the seed, with learning rates x
+    train.rollback_lr_factor, and continue from its step (train.rollback_skip: past the batches
+    that led there). Stops with one line when told to, or when train.max_rollbacks did not help."""
+    what = f"training diverged: {diverged.what}"
+    why = watch.give_up(diverged)
+    if why:
         raise GannetError(f"{what}; stopped: {why}. Lower optim.g.lr/optim.d.lr or check the data, then resume=auto")
-    watch.rolled_back.add(checkpoint)
-    back, data_state = restore(cfg, job, checkpoint)
-    for scheduler in job.schedulers.values():  # LambdaLR: lr = base_lr * factor(step); scale the base
-        scheduler.base_lrs = [lr * cfg.train.rollback_lr_factor for lr in scheduler.base_lrs]
-        for group in scheduler.optimizer.param_groups:
-            group["lr"] *= cfg.train.rollback_lr_factor
-    engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
-    engine.skipped.clear()
-    watch.count = 0
-    tracker.rewind(back)
-    log.warning("%s; rolled back to %s (step %d), learning rates x%g", what, checkpoint.name, back, cfg.train.rollback_lr_factor)
-    return back
-
-
-def save(cfg: Config, job: Job, step: int) -> None:
-    """A checkpoint of everything exact resume needs (all ranks take part)."""
+    factor = cfg.train.rollback_lr_factor
+    lrs = {name: [lr * factor for lr in scheduler.base_lrs] for name, scheduler in job.schedulers.items()}
+    checkpoint = latest_checkpoint(cfg.run_path)
+    if checkpoint is None:
+        job = restart(cfg, job)
+    back, data_state = restore(cfg, job, watch, checkpoint)
+    set_learning_rates(job, lrs)
     engine = job.engine
-    save_checkpoint(
-        cfg.run_path, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
-        weights=engine.full_weights(), write_files=engine.save_files, first_error=engine.first_error,
-        shared={
-            "step": step, "world": engine.world, "networks": list(engine.nets),
-            "engine": engine.state_dict(),
-            "schedulers": {name: s.state_dict() for name, s in job.schedulers.items()},
-        },
-        per_rank={"rng": rng_state(), "data": engine.data.position.state_dict(), "recipe": job.recipe.state_dict()},
-    )
+    engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
+    skipped = skip_batches(cfg, engine, step - back) if cfg.train.rollback_skip else 0
+    engine.skipped.clear()
+    tracker.rewind(back)
+    watch.rolled_back(checkpoint.name if checkpoint else "the start")
+    if engine.is_main:
+        log.warning("%s; rolled back to %s (step %d), learning rates x%g%s", what, watch.last_target, back, factor,
+                    f", {skipped} batches skipped" if skipped else "")
+    return job, back
+
+
+def restart(cfg: Config, job: Job) -> Job:
+    """A divergence before the first checkpoint: the job is built afresh from the run's seed (the
+    initial weights, fresh optimizers and schedules), as the run began: the start is the checkpoint."""
+    examples, nonfinite = job.recipe.examples, job.engine.nonfinite_steps
+    fresh = setup(cfg, examples)
+    fresh.engine.nonfinite_steps = nonfinite  # the count of the run, not of this build
+    return fresh
+
+
+def set_learning_rates(job: Job, base_lrs: dict[str, list[float]]) -> None:
+    """New base learning rates, in force from the current step (LambdaLR: lr = base x factor(step))."""
+    for name, scheduler in job.schedulers.items():
+        scheduler.base_lrs = base_lrs[name]
+        lrs = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() (train/lr_*) reports until the next step
+
+
+def skip_batches(cfg: Config, engine: Engine, steps: int) -> int:
+    """Draw and drop the batches `steps` generator steps take on this rank (the ones that led to a
+    divergence), so the steps after a rollback see other data."""
+    batches = steps * cfg.recipe.batches_per_step * cfg.train.grad_accum
+    for _ in range(batches):
+        next(engine.data)
+    return batches
+
+
+def save(cfg: Config, job: Job, watch: Watch, step: int) -> Divergence | None:
+    """A checkpoint of everything exact resume needs (all ranks take part), but none at a step whose
+    losses spike or whose update was skipped (a rollback must find the state before). A state that holds NaN or Inf
+    is never written: that is a divergence, returned for the loop to roll back."""
+    engine = job.engine
+    if not watch.calm:
+        if engine.is_main:
+            log.warning("no checkpoint at step %d: its losses spike or its update was skipped (a rollback goes to the "
+                        "state before)", step)
+        return None
+    try:
+        save_checkpoint(
+            cfg.run_path, step, rank=engine.rank, barrier=engine.barrier, keep=cfg.train.keep_checkpoints,
+            weights=engine.full_weights(), write_files=engine.save_files, first_error=engine.first_error,
+            shared={
+                "step": step, "world": engine.world, "networks": list(engine.nets),
+                "engine": engine.state_dict(),
+                "schedulers": {name: s.state_dict() for name, s in job.schedulers.items()},
+                "guard": watch.state_dict(),
+            },
+            per_rank={"rng": rng_state(), "data": engine.data.position.state_dict(), "recipe": job.recipe.state_dict()},
+        )
+    except NonfiniteCheckpoint as exc:
+        return Divergence("state", str(exc))
+    return None
 
 
 def generate_samples(job: Job, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

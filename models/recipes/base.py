@@ -100,6 +100,12 @@ class Generator:
     weights: str  # which network's weights it holds, as a checkpoint names them: G_ema, G, G.AB
 
 
+def d_scale(*outputs: torch.Tensor) -> torch.Tensor:
+    """The scale of D's raw outputs: the mean of |D| over each set of outputs, averaged (a mean of
+    squares would overflow float32 where the outputs themselves are still finite)."""
+    return torch.stack([out.detach().float().abs().mean() for out in outputs]).mean()
+
+
 @dataclass
 class RecipeParams:
     """The `recipe:` section of a config. Each recipe subclasses it with its own typed fields."""
@@ -400,9 +406,11 @@ class AdversarialRecipe(Recipe):
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:
         """D(x) and D(G(z)) for the dashboards: the statistics, and the raw outputs as histograms.
-        Every D objective reports through here once per D step, so ADA tallies D's real outputs here."""
+        Every D objective reports through here once per D step, so ADA tallies D's real outputs here.
+        `d_scale` (mean |D| of the raw outputs) is what the spike detector watches of D: a
+        probability (d_real of the GAN) saturates at 1 while the logits behind it blow up."""
         real_out, fake_out = real_out.detach(), fake_out.detach()
-        stats = {"d_real": self.d_stat(real_out), "d_fake": self.d_stat(fake_out),
+        stats = {"d_real": self.d_stat(real_out), "d_fake": self.d_stat(fake_out), "d_scale": d_scale(real_out, fake_out),
                  "d_real_outputs": real_out.flatten(), "d_fake_outputs": fake_out.flatten()}
         if self.params.augment == "ada":
             self.ada.observe(real_out, self.decision_boundary())

@@ -32,7 +32,7 @@ from torch import nn
 
 from gannet.models import networks
 from gannet.models.recipes import register
-from gannet.models.recipes.base import Examples, Generator, GeneratorInput, Recipe, RecipeParams, Step
+from gannet.models.recipes.base import Examples, Generator, GeneratorInput, Recipe, RecipeParams, Step, d_scale
 from gannet.trainer.config.schema import Config
 from gannet.trainer.errors import ConfigError
 
@@ -76,7 +76,9 @@ class ImagePool:
             return images
         out = []
         for image in images.unsqueeze(1):
-            if len(self.images) < self.size:
+            if not torch.isfinite(image).all():  # from a step that is skipped: never kept, never shown to D again
+                out.append(image)
+            elif len(self.images) < self.size:
                 self.images.append(image)
                 out.append(image)
             elif torch.rand(()).item() > 0.5:
@@ -147,6 +149,7 @@ class CycleGAN(Recipe):
             **{k: v.detach() for k, v in terms.items()},
             "d_real": torch.stack([real_out.float().mean() for real_out, _ in outs.values()]).mean().detach(),
             "d_fake": torch.stack([fake_out.float().mean() for _, fake_out in outs.values()]).mean().detach(),
+            "d_scale": d_scale(*(out for pair in outs.values() for out in pair)),
         }
 
     def equilibrium(self) -> dict[str, float]:

@@ -17,11 +17,11 @@ import os
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from gannet.trainer.checkpoint.store import CheckpointError
+from gannet.trainer.errors import CheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -39,9 +39,14 @@ def deepspeed_state_types() -> list[type]:
 
 def check_torch_file(path: Path) -> None:
     """Unpickle `path` with weights_only=True (tensors memory-mapped, not read); refuse anything more."""
+    load_torch_file(path)
+
+
+def load_torch_file(path: Path) -> Any:
+    """What `path` holds, unpickled weights-only (tensors memory-mapped); a clear refusal otherwise."""
     with torch.serialization.safe_globals(deepspeed_state_types()):
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
             raise CheckpointError(
                 f"refusing to load {path}: its pickle asks for {_unsafe_globals(path)}, which could run code; "

@@ -8,6 +8,7 @@ numbers, strings, None) into JSON, so loading a checkpoint from elsewhere is alw
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,25 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {(int(k) if t == "int" else k): _decode(v, tensors) for (t, k), v in value}
     items = [_decode(v, tensors) for v in value]
     return tuple(items) if kind == "tuple" else items
+
+
+def nonfinite_entries(obj: Any, path: str = "") -> list[str]:
+    """Where a nested state (dicts, lists, tensors, arrays, numbers) holds NaN or Inf: one entry per
+    tensor or number, as its dotted path with the count, e.g. `optimizers.G.state.7.exp_avg_sq (776 of
+    1024)`. What a checkpoint must never hold: a resumed run would carry it on silently (Adam with
+    an infinite second moment freezes those weights: m / sqrt(inf) = 0)."""
+    here = path or "(top)"
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point() or obj.numel() == 0:
+            return []
+        bad = int((~torch.isfinite(obj.detach())).sum())
+        return [f"{here} ({bad} of {obj.numel()})"] if bad else []
+    if isinstance(obj, np.ndarray):
+        return nonfinite_entries(torch.from_numpy(obj), path) if obj.dtype.kind == "f" else []
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{here} ({obj})"]
+    if isinstance(obj, dict):
+        return [e for key, value in obj.items() for e in nonfinite_entries(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [e for i, value in enumerate(obj) for e in nonfinite_entries(value, f"{path}.{i}" if path else str(i))]
+    return []

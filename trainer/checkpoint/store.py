@@ -11,6 +11,11 @@ The manifest catches what atomicity cannot: a file truncated, lost or altered la
 copy between clusters, a person). Resume verifies it and falls back to the newest intact
 checkpoint, saying what is wrong with each one it skips; `gannet verify RUN_DIR` checks them all.
 
+A checkpoint never holds NaN or Inf: every rank checks each tensor and number it is about to write
+(DeepSpeed's own files included, in their writer) and the checkpoint is refused as a whole
+(`NonfiniteCheckpoint`: the loop rolls back instead). Verification reads every tensor too, so a
+checkpoint that holds one anyway (an older gannet, a hand edit) counts as damaged.
+
 Checkpoints without a manifest come from gannet versions before manifests. They cannot be
 verified: such a checkpoint is "unverified", and resume uses it (with a warning) only while no
 newer checkpoint carries a manifest. A checkpoint without a manifest that is newer than one with
@@ -36,19 +41,36 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gannet.trainer.checkpoint.statefile import load_state, save_state
-from gannet.trainer.errors import GannetError
+from gannet.trainer.checkpoint.statefile import load_state, nonfinite_entries, save_state
+from gannet.trainer.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gannet-checkpoint/1"
 CHUNK = 1 << 20  # bytes hashed per read: memory stays flat whatever the file size
+NONFINITE = "non-finite values in "  # how a refused write's reason begins, on every rank
 
 log = logging.getLogger("gannet")
 
 
-class CheckpointError(GannetError):
-    """No usable checkpoint where one is needed, or one that cannot be read."""
+class NonfiniteCheckpoint(CheckpointError):
+    """The state to save holds NaN or Inf: nothing was written (every rank raises it alike)."""
+
+
+class NonfiniteState(ValueError):
+    """What this rank was about to write holds NaN or Inf (raised before any of it is written)."""
+
+
+def require_finite(state: Any, where: str) -> None:
+    """Refuse to write `state` (nested tensors and numbers) if any of it is NaN or Inf."""
+    entries = nonfinite_entries(state)
+    if entries:
+        raise NonfiniteState(f"{NONFINITE}{where}: {_listed(entries)}")
+
+
+def _listed(entries: list[str], shown: int = 3) -> str:
+    more = f" and {len(entries) - shown} more" if len(entries) > shown else ""
+    return ", ".join(entries[:shown]) + more
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -125,7 +147,8 @@ def verify_checkpoint(path: Path) -> Verdict:
     hash, and no file the manifest does not list (nothing may be slipped in beside the state)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return Verdict(path, "unverified")
+        problems = nonfinite_files(path)
+        return Verdict(path, "damaged", problems) if problems else Verdict(path, "unverified")
     try:
         data = json.loads(manifest.read_text())
         listed = data["files"]
@@ -146,7 +169,35 @@ def verify_checkpoint(path: Path) -> Verdict:
             problems.append(f"{rel} has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else '?'}")
         elif file_sha256(path / rel) != entry.get("sha256"):
             problems.append(f"{rel} does not match its sha256")
+    problems = problems or nonfinite_files(path)  # intact files: is what they hold finite?
     return Verdict(path, "damaged", problems) if problems else Verdict(path, "ok")
+
+
+def nonfinite_files(path: Path) -> list[str]:
+    """The files of checkpoint `path` that hold NaN or Inf, each with where: gannet's state files
+    (weights, shared and per-rank state) and DeepSpeed's (unpickled weights-only). A file that
+    cannot be read is left to the hash check and the loader, which say why."""
+    problems = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            state = _read_state(file)
+        except Exception:  # noqa: BLE001 - unreadable: the manifest or the loader reports it
+            continue
+        entries = nonfinite_entries(state) if state is not None else []
+        if entries:
+            problems.append(f"{file.relative_to(path).as_posix()} holds non-finite values: {_listed(entries)}")
+    return problems
+
+
+def _read_state(file: Path) -> Any:
+    """What a checkpoint file holds, for the finite check (None: not a state file)."""
+    if file.suffix == ".safetensors":  # a state file (JSON beside it: structure and numbers) or weights
+        return load_state(file.with_suffix("")) if file.with_suffix(".json").is_file() else load_file(str(file))
+    if file.suffix == ".pt":
+        from gannet.trainer.checkpoint.safe_load import load_torch_file  # imports DeepSpeed: only its runs pay
+
+        return load_torch_file(file)
+    return None
 
 
 def verify_run(run_dir: Path) -> list[Verdict]:
@@ -232,9 +283,13 @@ def _prepare(tmp: Path) -> None:
 def _write_own(tmp: Path, step: int, rank: int, weights: dict[str, dict[str, torch.Tensor]], shared: dict[str, Any],
                per_rank: dict[str, Any], write_files: Callable[[Path], None]) -> None:
     """This rank's part: DeepSpeed's files first (their writer holds collectives of its own, so
-    every rank must reach it), then rank 0 the shared state and each rank its own file, fsynced."""
+    every rank must reach it), then rank 0 the shared state and each rank its own file, fsynced;
+    nothing non-finite is written (checked before the first of gannet's own files)."""
     write_files(tmp)
+    require_finite(per_rank, f"rank {rank}'s state")
     if rank == 0:
+        require_finite(weights, "the weights")
+        require_finite(shared, "the shared state")
         for name, tensors in weights.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         save_state(shared, tmp / "shared")
@@ -284,7 +339,9 @@ def _reason(exc: Exception | None, tmp: Path, rank: int) -> str:
     in a few words (with the rank where more than one process writes)."""
     if exc is None:
         return ""
-    if _is_full_disk(exc, tmp):
+    if isinstance(exc, NonfiniteState):
+        why = str(exc)
+    elif _is_full_disk(exc, tmp):
         why = "No space left on device"
     elif isinstance(exc, (OSError, SafetensorError)):
         why = getattr(exc, "strerror", None) or str(exc)
@@ -297,14 +354,18 @@ def _reason(exc: Exception | None, tmp: Path, rank: int) -> str:
 def _settle(reason: str, own: Exception | None, run_dir: Path, tmp: Path, final: Path, rank: int) -> None:
     """After the agreement: nothing to do if every rank succeeded. Otherwise every rank stops here:
     rank 0 removes the half-written folder, and each rank raises the same one line saying why and
-    what is still there. An exception that is not an I/O failure is a bug: the rank where it
+    what is still there. A state that holds NaN or Inf raises `NonfiniteCheckpoint` on every rank
+    (the loop rolls back). An exception that is not an I/O failure is a bug: the rank where it
     happened raises it with its traceback."""
     if not reason:
         return
-    if own is not None and not _is_full_disk(own, tmp) and not isinstance(own, (OSError, SafetensorError)):
+    expected = (OSError, SafetensorError, NonfiniteState)
+    if own is not None and not _is_full_disk(own, tmp) and not isinstance(own, expected):
         raise own
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    if reason.startswith(NONFINITE):
+        raise NonfiniteCheckpoint(f"checkpoint {final.name} not written: {reason}") from own
     previous = [p for p in list_checkpoints(run_dir) if p != final and verify_checkpoint(p).status != "damaged"]
     kept = f"the latest complete checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
     raise CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}") from own

@@ -271,6 +271,8 @@ def _check_ranges(cfg: Config) -> None:
         "train.num_samples": cfg.train.num_samples,
         "train.max_nonfinite": cfg.train.max_nonfinite,
         "train.rollback_lr_factor": cfg.train.rollback_lr_factor,
+        "train.spike_threshold": cfg.train.spike_threshold,
+        "train.max_spikes": cfg.train.max_spikes,
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "data.prefetch_factor": cfg.data.prefetch_factor,
         "optim.g.lr": cfg.optim.g.lr,
@@ -292,9 +294,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"eval.samples={cfg.eval.samples} must be >= 10")
     for key, value in {"data.num_workers": cfg.data.num_workers, "data.max_errors": cfg.data.max_errors,
                        "data.retries": cfg.data.retries, "data.retry_backoff_s": cfg.data.retry_backoff_s,
-                       "eval.every": cfg.eval.every}.items():
+                       "eval.every": cfg.eval.every, "train.spike_window": cfg.train.spike_window,
+                       "train.max_rollbacks": cfg.train.max_rollbacks}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    if not cfg.train.spike_ratio > 1:
+        raise ConfigError(f"train.spike_ratio={cfg.train.spike_ratio} must be > 1 (a spike is that many times its median)")
     for net in ("g", "d"):
         opt: OptimConfig = getattr(cfg.optim, net)
         if opt.clip_grad < 0:

@@ -92,6 +92,14 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive steps with a skipped (non-finite) update before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last checkpoint, or stop with a message
     rollback_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback (1 = unchanged)
+    # Finite divergence (gannet.trainer.guard): each loss and D's output scale (d_scale) against the median
+    # and MAD of its own last spike_window steps, on log(1 + |value|); 0 = no spike detection.
+    spike_window: int = 100
+    spike_threshold: float = 8.0  # a step is flagged when a value exceeds the median by this many MADs (x1.4826) ...
+    spike_ratio: float = 100.0  # ... and 1 + |value| is over this many times 1 + |median|
+    max_spikes: int = 3  # flagged steps in a row that roll back (as train.max_nonfinite skipped steps do)
+    max_rollbacks: int = 3  # rollbacks (spikes or non-finite) one attempt may take; the next divergence stops the run
+    rollback_skip: bool = False  # after a rollback, skip the batches the undone steps drew (PaLM skipped 200-500)
     dist_timeout_s: int = 600  # a collective waiting longer (a rank died or hung) fails with a clear error
 
 

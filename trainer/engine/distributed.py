@@ -19,6 +19,7 @@ docs/architecture.md:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from torch import nn
 
+from gannet.trainer.checkpoint.store import require_finite
 from gannet.trainer.config.schema import Config, OptimConfig
 from gannet.trainer.engine import fast
 from gannet.trainer.errors import GannetError
@@ -45,6 +47,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def squares_finite(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """Whether every gradient and its square are finite, in one fused reduction (None: no gradient).
+    Adam's second moment adds g^2, which overflows float32 for |g| > 1.8e19 while g itself is
+    finite (a loss at 1e21 does that): the squared total norm overflows first, so one finite number
+    vouches for every element, and then for the step's result (Adam's update is bounded by lr)."""
+    if not grads:
+        return None
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads).float().square())
 
 
 def reset_precision(mixed: str) -> None:
@@ -226,10 +238,13 @@ class Engine:
         return flag.item() > 0
 
     def _skip_nonfinite(self, name: str, grads_finite: torch.Tensor | None = None) -> bool:
-        """Whether to skip `name`'s optimizer step: when any rank saw a non-finite loss (or
-        gradient) in this accumulation window. Counted, and logged once per skip."""
+        """Whether to skip `name`'s optimizer step: when any rank saw a non-finite loss, gradient
+        (or square of one) in this accumulation window, or its forwards left a non-finite buffer
+        (BatchNorm's running statistics, spectral norm's u and v). Counted, and logged once per skip."""
         flag = self._finite.pop(name, torch.tensor(True, device=self.device))
         buffers = [b for b in self.module(name).buffers() if b.is_floating_point()]
+        if buffers:
+            flag = flag & torch.stack([torch.isfinite(b).all() for b in buffers]).all().to(flag.device)
         if self._all_ranks_finite(flag if grads_finite is None else flag & grads_finite):
             self.skipped.discard(name)
             self._good_buffers[name] = [b.detach().clone() for b in buffers]
@@ -241,7 +256,8 @@ class Engine:
         self.skipped.add(name)
         self.nonfinite_steps += 1
         if self.is_main:
-            log.warning("non-finite loss or gradient in %s: its optimizer step was skipped (%d so far)", name, self.nonfinite_steps)
+            log.warning("non-finite loss, gradient or buffer in %s: its optimizer step was skipped (%d so far)",
+                        name, self.nonfinite_steps)
         return True
 
     def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -262,12 +278,38 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        """End cleanly: a barrier, then tear the process group down (DDP processes on CPU otherwise
-        crash in teardown about one run in 15)."""
+        """End cleanly, on every rank: meet, let every process group finish the work queued on it,
+        tear the groups down, and let go of the networks, optimizers and groups, so gloo's worker
+        threads are joined here. A collective still running when the interpreter exits kills the
+        process with SIGABRT ("terminate called without an active exception": its thread finishes
+        the work while Python is torn down). ZeRO-3 prefetches parameters with asynchronous
+        all-gathers on DeepSpeed's own copy of the world group, which a barrier on WORLD does not
+        wait for and destroy_process_group() does not stop; a barrier on each group does. (Not
+        Accelerate's end_training(): it would destroy the groups first, and gannet has no trackers there.)"""
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if grouped:
+            for group in process_groups():
+                torch.distributed.barrier(group=group)
+        self._release()
+        if grouped:
+            self._destroy_groups()
+        gc.collect()  # the groups' last references go with the networks' cycles: their threads are joined now
+
+    def _release(self) -> None:
+        """Drop the wrapped networks and optimizers, here and in Accelerate."""
+        self.nets, self.optimizers, self.data = {}, {}, None
+        self.accelerator.free_memory()
+
+    def _destroy_groups(self) -> None:
+        torch.distributed.destroy_process_group()
+
+
+def process_groups() -> list[Any]:
+    """Every process group of this process, WORLD first (torch keeps no public list of them)."""
+    world = torch.distributed.group.WORLD
+    others = getattr(getattr(torch.distributed.distributed_c10d, "_world", None), "pg_names", {})
+    return [world, *(group for group in others if group is not world)]
 
 
 class DDPEngine(Engine):
@@ -310,12 +352,11 @@ class DDPEngine(Engine):
         optimizer.zero_grad(set_to_none=True)
 
     def _grads_finite(self, name: str) -> torch.Tensor | None:
-        """All of `name`'s gradients finite (None under fp16, whose grad scaler skips overflowing
-        steps itself and must see them to lower its scale)."""
+        """All of `name`'s gradients and their squares finite (None under fp16, whose grad scaler
+        skips overflowing steps itself and must see them to lower its scale)."""
         if self.accelerator.scaler is not None:
             return None
-        grads = [p.grad for p in self.nets[name].parameters() if p.grad is not None]
-        return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+        return squares_finite([p.grad for p in self.nets[name].parameters() if p.grad is not None])
 
     def state_dict(self) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -435,12 +476,11 @@ class DeepSpeedEngine(Engine):
         return [p.grad for p in self.module(name).parameters() if p.grad is not None]
 
     def _grads_finite(self, name: str) -> torch.Tensor | None:
-        """This rank's share of `name`'s gradients all finite (None under fp16, whose loss scaler
-        expects overflows and skips those steps itself)."""
+        """This rank's share of `name`'s gradients and their squares all finite (None under fp16,
+        whose loss scaler expects overflows and skips those steps itself)."""
         if self.fast.mixed_precision == "fp16":
             return None
-        grads = [g for g in self._local_grads(name) if g.numel()]
-        return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+        return squares_finite([g for g in self._local_grads(name) if g.numel()])
 
     def _discard_gradients(self, name: str) -> None:
         """Make `name`'s coming `engine.step()` change nothing, on every rank. DeepSpeed's own
@@ -457,6 +497,29 @@ class DeepSpeedEngine(Engine):
             return
         for p in self.module(name).parameters():
             p.grad = None
+
+    def _release(self) -> None:
+        """DeepSpeed's engines first (ZeRO-3's parameter coordinator and hooks), then what ZeRO-3
+        keeps for the life of the process, and with it the networks and every parameter's reference
+        to the process groups: its stack of modules in a forward (a network used without a backward
+        of its own stays there: D, in G's step), and its coordinator's per-class cache of the
+        parameters each module releases (a functools.lru_cache keyed by coordinator and module)."""
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+        for name in self.optimizers:
+            self.nets[name].destroy()
+        getattr(parameter_offload, "FWD_MODULE_STACK", []).clear()
+        for method in vars(getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", object)).values():
+            for cell in getattr(method, "__closure__", None) or ():  # under DeepSpeed's NVTX wrapper
+                if hasattr(cell.cell_contents, "cache_clear"):
+                    cell.cell_contents.cache_clear()
+        super()._release()
+
+    def _destroy_groups(self) -> None:
+        """Through deepspeed.comm: torch's groups, and DeepSpeed's module-level references to them."""
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()
 
     def _gathered(self, name: str) -> Any:
         import deepspeed
@@ -485,7 +548,8 @@ class DeepSpeedEngine(Engine):
         DeepSpeed's save holds barriers of its own: a rank whose write fails (a full disk) would
         leave it and the others would wait there until train.dist_timeout_s. So its writer keeps
         the first error and skips later writes, every rank goes through every engine's save and
-        all of their barriers, and the error is raised after, for the checkpoint's agreement."""
+        all of their barriers, and the error is raised after, for the checkpoint's agreement. What
+        it writes is checked first: a state holding NaN or Inf is refused, like gannet's own files."""
         failed: list[Exception] = []
         for name in self.optimizers:  # every engine's save, even after a failure: each has barriers
             with deferred_errors(self.nets[name].checkpoint_engine) as errors:
@@ -510,14 +574,18 @@ class DeepSpeedEngine(Engine):
 def deferred_errors(writer: Any) -> Iterator[list[Exception]]:
     """Inside the block, `writer.save` (a DeepSpeed checkpoint engine's) keeps its first error in
     the list it yields and skips later writes instead of raising, so the caller passes every
-    collective of DeepSpeed's save before it reports the failure."""
+    collective of DeepSpeed's save before it reports the failure. A state that holds NaN or Inf is
+    such an error, found before its file is written."""
     failed: list[Exception] = []
     save = writer.save
 
-    def deferred(*args: Any, **kwargs: Any) -> Any:
+    def deferred(*args: Any, **kwargs: Any) -> Any:  # save(state_dict, path), by position or by name
         if failed:
             return None
         try:
+            state = args[0] if args else kwargs.get("state_dict")
+            path = args[1] if len(args) > 1 else kwargs.get("path")
+            require_finite(state, Path(str(path)).name)
             return save(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported by the caller, after DeepSpeed's barriers
             failed.append(exc)

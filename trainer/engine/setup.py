@@ -35,6 +35,12 @@ class Job:
     recipe: Recipe
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
 
+    def close(self) -> None:
+        """The end of the job (every rank): the schedules let go of the optimizers, then the engine
+        leaves the process groups cleanly (gannet.trainer.engine.distributed.Engine.close)."""
+        self.schedulers.clear()
+        self.engine.close()
+
 
 def setup(cfg: Config, examples: Examples | None = None) -> Job:
     """Start the engine (processes, device), then build the recipe's networks from the run's seed

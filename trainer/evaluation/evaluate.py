@@ -9,6 +9,9 @@
   the generator never saw. Copies sit much closer to the training set than held-out data does.
 - The equilibrium report compares the run's recent D(x), D(G(z)) and D loss to the values the
   recipe's game converges to (log 2 for the GAN's D loss; the midpoint of a and b for LSGAN).
+  Whether the run diverged is the divergence guard's verdict (gannet.trainer.guard), not a second
+  opinion: the rollbacks and spikes it counted during training, and its spike detector replayed
+  over the logged losses with the run's own thresholds.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from gannet.models.recipes.base import Recipe
-from gannet.trainer.config.schema import Config
+from gannet.trainer.config.schema import Config, TrainConfig
 from gannet.trainer.data.captions import attribute_agreement
 from gannet.trainer.data.stream import cache_beside, expand_urls, first_images, heldout_beside
 from gannet.trainer.errors import ConfigError, GannetError
@@ -33,6 +36,7 @@ from gannet.trainer.evaluation.metrics import frechet_distance, kernel_inception
 from gannet.trainer.evaluation.report import write_report
 from gannet.trainer.evaluation.sampling import load_networks, open_run
 from gannet.trainer.evaluation.translation import evaluate_translation
+from gannet.trainer.guard import SpikeDetector, watched
 from gannet.trainer.tracking.tracker import read_metrics
 
 log = logging.getLogger("gannet")
@@ -113,12 +117,36 @@ def equilibrium(run_dir: Path, recipe: Recipe, window: int = 10) -> dict[str, An
         warnings.append("discriminator collapse: D separates real from fake almost perfectly; G gets little signal")
     # Halves of the window, not two single records, and a rise on the scale of D's outputs: a hinge
     # G loss (-D(G(z))) wanders around 0, where "it tripled" is noise.
+    # A drift, not a divergence: that is the guard's verdict, below.
     if len(rows) >= 4:
         loss_g = [r["train/loss_g"] for r in rows]
         older, newer = float(np.mean(loss_g[: len(rows) // 2])), float(np.mean(loss_g[len(rows) // 2:]))
         if newer - older > target["separation"] and newer > 3 * max(older, 1e-8):
-            warnings.append(f"generator divergence: G's loss rose from {older:.3g} to {newer:.3g} over the recent window")
-    return {"recent": recent, "equilibrium": target, "warnings": warnings}
+            warnings.append(f"G losing ground: G's loss rose from {older:.3g} to {newer:.3g} over the recent window")
+    guard = divergence(run_dir, getattr(recipe, "cfg", None))
+    return {"recent": recent, "equilibrium": target, "warnings": warnings + guard.pop("warnings"), "divergence": guard}
+
+
+def divergence(run_dir: Path, cfg: Config | None) -> dict[str, Any]:
+    """The divergence guard's account of a run: what it counted while training (the last logged
+    train/rollbacks, train/spikes, train/nonfinite_steps), and the logged steps its spike detector
+    flags when replayed over metrics.jsonl with the run's thresholds (every step's values where the
+    run logged every step, as the live detector saw them), with a warning for each kind."""
+    train = cfg.train if cfg is not None else TrainConfig()
+    rows = [r for r in read_metrics(run_dir) if "train/loss_d" in r]
+    counted = {key: int(rows[-1].get(f"train/{key}", 0)) if rows else 0 for key in ("rollbacks", "spikes", "nonfinite_steps")}
+    detector, flagged = SpikeDetector(train.spike_window, train.spike_threshold, train.spike_ratio), []
+    for row in rows:
+        spikes = detector.check(watched({k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("train/")}))
+        flagged += [{"step": row["step"], "spike": spike.text()} for spike in spikes]
+    warnings = []
+    if counted["rollbacks"]:
+        warnings.append(f"rolled back {counted['rollbacks']} time(s) by the divergence guard ({counted['spikes']} spike(s), "
+                        f"{counted['nonfinite_steps']} skipped non-finite step(s); train.log says where and why): its "
+                        f"learning rates were lowered x{train.rollback_lr_factor} each time")
+    if flagged:
+        warnings.append(f"loss spike(s) at logged step(s) {', '.join(str(f['step']) for f in flagged[:5])}: {flagged[0]['spike']}")
+    return {**counted, "rolled_back": counted["rollbacks"] > 0, "replayed_spikes": flagged, "warnings": warnings}
 
 
 class Evaluator:
@@ -199,8 +227,11 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     on it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
     recipe.sample_raw = raw
-    if recipe.translates:  # CycleGAN: held-out translations, both ways
-        return evaluate_translation(run_dir, cfg, recipe, kept[max(kept)], load_networks(recipe, kept[max(kept)]))
+    if recipe.translates:  # CycleGAN: held-out translations, both ways; and the divergence guard's account
+        result = evaluate_translation(run_dir, cfg, recipe, kept[max(kept)], load_networks(recipe, kept[max(kept)]))
+        result["divergence"] = divergence(run_dir, cfg)
+        (run_dir / "eval" / "eval.json").write_text(json.dumps(result, indent=2))
+        return result
     wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
     missing = [s for s in wanted if s not in kept]
     if missing:
