@@ -16,7 +16,7 @@ def slurm_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespa
         "Submit CONFIG to Slurm through submitit: one task per GPU, the same training entry point as `gannet train`, "
         "resume=auto into a run directory fixed now, a checkpoint on Slurm's time-limit/preemption signal and a requeue. "
         "Slurm logs and submitit files go to RUN_DIR/slurm/."))
-    p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
+    p.add_argument("config", help="YAML file or config name, e.g. sngan_mnist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="as for gannet train")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")

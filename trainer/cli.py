@@ -19,15 +19,16 @@ from gannet.trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
-  gannet train lsgan_mnist                        # configs/lsgan_mnist.yaml
+  gannet train sngan_mnist                        # the default, configs/sngan_mnist.yaml -> runs/sngan_mnist/
+  gannet train sngan_mnist resume=auto            # continue runs/sngan_mnist exactly
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
-  gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
-  gannet train lsgan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
-  gannet sample runs/lsgan_mnist --out grid.png
+  gannet train sngan_mnist data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
+  gannet sample runs/sngan_mnist --out grid.png
+  gannet eval runs/sngan_mnist                    # FID/KID, precision/recall, memorization -> runs/sngan_mnist/eval/
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet sample runs/t2i_mnist --text "a thick seven slanted to the right" --out grid.png
   gannet sample runs/t2i_mnist --text "a thin one" --text "a thick eight" --out interpolation.png
-  accelerate launch -m gannet train lsgan_mnist  # same code, many processes
+  accelerate launch -m gannet train sngan_mnist   # same code, many processes
 """
 
 
@@ -42,7 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p = sub.add_parser("train", help="train a config", description=(
         f"Train CONFIG: a YAML path or a name under configs/ ({', '.join(config_names())}). "
         "Overrides apply in order: key=value, or a YAML preset file such as launch/deepspeed/zero2.yaml."))
-    p.add_argument("config", help="YAML file or config name, e.g. lsgan_mnist")
+    p.add_argument("config", help="YAML file or config name, e.g. sngan_mnist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 resume=auto launch/deepspeed/zero2.yaml")
 
     p = sub.add_parser("resume", help="continue a run directory exactly", description="Continue RUN_DIR from its latest checkpoint, with its saved config.")
@@ -107,7 +108,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed and per-rank memory", description=(
         "Measure images/s on 1 vs N processes (real `gannet train` runs) and per-rank bytes of parameters, "
         "gradients and optimizer state under DDP and ZeRO-1/2/3; prints a table and writes JSON."))
-    p.add_argument("config", nargs="?", default="lsgan_mnist", help="config to measure (default lsgan_mnist)")
+    p.add_argument("config", nargs="?", default="sngan_mnist", help="config to measure (default sngan_mnist)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
     p.add_argument("--world", type=int, default=2, help="processes for the memory table (default 2)")
