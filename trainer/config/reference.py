@@ -29,12 +29,13 @@ HEADER = """\
 field comments in trainer/config/schema.py and models/recipes/*.py: edit those, not this file.
 tests/test_config_reference.py fails when this file is stale. -->
 
-A config is YAML over these typed sections; `gannet train CONFIG key=value ...` overrides any key by
-its dotted path, with a YAML value (`optim.g.betas=[0.5,0.999]`), and a YAML file among the
-overrides (a preset such as `launch/deepspeed/zero2.yaml`) is merged key by key. An unknown key, a
-value of the wrong type or one out of range stops `gannet` before anything starts, in one line
-(exit code 2). Unset keys take the defaults below; `runs/NAME/config.yaml` holds a run's resolved
-config. The `recipe` section is typed by the recipe that `recipe.name` selects.
+A config is YAML over these typed sections. On the command line, `key=value` overrides any key by
+its dotted path with a YAML value (`gannet train sngan_mnist train.steps=5000 optim.g.betas=[0.5,0.999]`),
+and a YAML file among the overrides (a preset such as `launch/deepspeed/zero2.yaml`) is merged key
+by key. An unknown key, a value of the wrong type or one out of range stops `gannet` before
+anything starts, in one line (exit code 2). The defaults below are the code's: a bundled config
+(`configs/*.yaml`) sets many keys, and `runs/NAME/config.yaml` holds a run's resolved config. The
+`recipe` section is typed by the recipe that `recipe.name` selects.
 """
 
 
