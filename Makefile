@@ -67,3 +67,13 @@ clean-runs:
 clean-data:
 	@if [ -d data ]; then echo "make clean-data: removing data/: $$(ls data | tr '\n' ' ')"; rm -rf data; \
 	else echo "make clean-data: no data/ here"; fi
+
+# docs/config.md from the config dataclasses' field comments (tests/test_config_reference.py fails when it is stale).
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m gannet.trainer.config.reference > docs/config.md
+
+# The README's sample grids (docs/img/*.png): trains every bundled model in full first (~1 h on 2 CPU cores).
+.PHONY: figures
+figures: $(STAMP)
+	$(BIN)/python docs/img/make_figures.py

@@ -147,7 +147,8 @@ def silhouettes(tmp_path_factory) -> dict[str, Path]:
 
 def worked_example() -> str:
     """The recipe module of docs/architecture.md's worked example, verbatim: a new GAN as a user
-    writes it (LSGAN + an EMA copy of G + an R1 penalty on D, through the contract's hooks alone)."""
+    writes it (LSGAN + a consistency penalty on D + a uniform average of G, through the contract's
+    hooks alone, keeping the built-in switches through super())."""
     section = (REPO / "docs" / "architecture.md").read_text().split("## Adding a GAN", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -158,11 +159,11 @@ def plugin_recipe(tmp_path, monkeypatch) -> Iterator[str]:
     folder is not written to); removed from the registry afterwards."""
     folder = tmp_path / "more_recipes"
     folder.mkdir()
-    (folder / "ema_r1.py").write_text(worked_example())
+    (folder / "averaged.py").write_text(worked_example())
     monkeypatch.setattr(recipe_registry, "__path__", [*recipe_registry.__path__, str(folder)])
-    yield "lsgan_ema_r1"
-    recipe_registry.RECIPES.pop("lsgan_ema_r1", None)
-    sys.modules.pop("gannet.models.recipes.ema_r1", None)
+    yield "lsgan_averaged"
+    recipe_registry.RECIPES.pop("lsgan_averaged", None)
+    sys.modules.pop("gannet.models.recipes.averaged", None)
 
 
 def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:

@@ -17,24 +17,31 @@ from gannet.trainer.engine.setup import setup
 from tests.conftest import REPO, tiny_overrides
 
 
-def test_a_dropped_in_recipe_module_is_discovered_and_trains_with_ema_and_penalty(plugin_recipe, small_shards, tmp_path):
+def test_a_dropped_in_recipe_module_is_discovered_and_trains_with_its_hooks_beside_the_built_in_switches(
+        plugin_recipe, small_shards, tmp_path):
     assert plugin_recipe not in gannet.models.recipes.RECIPES
-    cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.name": plugin_recipe, "recipe.r1_gamma": 2}))
-    assert cfg.recipe.r1_gamma == 2.0 and cfg.recipe.b == 1.0  # typed by the new recipe's Params, inherited fields too
+    built_in = {"recipe.name": plugin_recipe, "recipe.ema_kimg": 1, "recipe.r1_gamma": 2}  # kept through super()
+    cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **built_in))
+    assert cfg.recipe.cr_weight == 10.0 and cfg.recipe.b == 1.0  # typed by the new recipe's Params, inherited fields too
     job = setup(cfg)
     engine = job.engine
-    assert list(engine.nets) == ["G", "D", "G_ema"] and set(engine.optimizers) == set(job.schedulers) == {"G", "D"}
-    assert not any(p.requires_grad for p in engine.nets["G_ema"].parameters())
+    assert list(engine.nets) == ["G", "D", "G_ema", "G_avg"] and set(engine.optimizers) == set(job.schedulers) == {"G", "D"}
+    assert not any(p.requires_grad for name in ("G_ema", "G_avg") for p in engine.nets[name].parameters())
     engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)
+    params = lambda name: [p.clone() for p in engine.module(name).parameters()]  # noqa: E731
 
-    ema_before = [p.clone() for p in engine.nets["G_ema"].parameters()]
+    ema_before = params("G_ema")
     metrics = job.recipe.iteration(engine)
-    g_after = list(engine.module("G").parameters())
-    for before, ema, g in zip(ema_before, engine.nets["G_ema"].parameters(), g_after):  # the hook ran after G's step
-        assert torch.allclose(ema, 0.5 * before + 0.5 * g)
-    assert any(not torch.equal(b, g) for b, g in zip(ema_before, g_after))
-    assert metrics["r1"] > 0  # the penalty saw D's real inputs and reported through the D objective
-    assert "G_ema" in engine.full_weights()  # checkpointed like the optimised networks
+    g1 = params("G")
+    assert all(torch.equal(avg, g) for avg, g in zip(params("G_avg"), g1))  # the hook ran after G's step: a copy of G
+    job.recipe.iteration(engine)
+    g2 = params("G")
+    assert any(not torch.equal(a, b) for a, b in zip(g1, g2))
+    for avg, a, b in zip(params("G_avg"), g1, g2):  # the uniform average of G's two steps
+        assert torch.allclose(avg, (a + b) / 2)
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, params("G_ema")))  # the built-in EMA still runs
+    assert metrics["cr"] > 0 and metrics["r1"] > 0  # its own penalty and the built-in R1, both through the D objective
+    assert {"G_ema", "G_avg"} <= set(engine.full_weights())  # checkpointed like the optimised networks
     engine.close()
 
 

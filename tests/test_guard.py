@@ -67,7 +67,7 @@ def test_a_nan_batch_skips_the_update_and_leaves_weights_optimizer_and_ema_untou
 
 
 def test_nan_noise_skips_g_too_and_the_ema_does_not_follow(plugin_recipe, small_shards, tmp_path):
-    cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.name": plugin_recipe}))
+    cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{"recipe.name": plugin_recipe, "recipe.ema_kimg": 1}))
     job = setup(cfg)
     engine = job.engine
     engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)

@@ -115,7 +115,7 @@ def test_compile_matches_eager_with_an_ema_copy_and_a_gradient_penalty(plugin_re
     results = {}
     for mode in ("off", "on"):
         cfg = load_config("lsgan_mnist", tiny_overrides(small_shards, tmp_path, **{
-            "recipe.name": plugin_recipe, "train.compile": mode, "train.compile_backend": "aot_eager",
+            "recipe.name": plugin_recipe, "recipe.ema_kimg": 1, "recipe.r1_gamma": 1, "train.compile": mode, "train.compile_backend": "aot_eager",
             "train.mixed_precision": "no", "data.batch_size": 8, "model.g_width": 4, "model.d_width": 4}))
         job = setup(cfg)
         job.engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=0, world=1, seed=0)

@@ -30,6 +30,7 @@ EPILOG = f"""examples:
   gannet train {DEFAULT_CONFIG} resume=auto            # continue runs/{DEFAULT_CONFIG} exactly
   gannet train {DEFAULT_CONFIG} data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
   gannet sample runs/{DEFAULT_CONFIG} --out grid.png
+  gannet eval runs/{DEFAULT_CONFIG}                    # FID/KID, precision/recall, memorization -> runs/{DEFAULT_CONFIG}/eval/
   gannet sample runs/cgan_mnist --label 7 --out sevens.png
   gannet shards images photos/ --out data/photos --size 64   # your own folder: one subfolder per class
   gannet sample runs/my_photos --label tulip --out tulips.png  # a class by its folder's name

@@ -218,27 +218,23 @@ class Recipe(ABC):
 @dataclass
 class AdversarialParams(RecipeParams):
     d_steps: int = 1  # k discriminator steps per generator step (Goodfellow et al., Algorithm 1)
-    # Generator EMA (StyleGAN2-ADA): half-life in thousands of images (0 = off; SG2-ADA uses 10),
-    # ramp-up (half-life <= ramp x images seen; 0 = none), and the G step it starts averaging at.
-    ema_kimg: float = 0.0
-    ema_rampup: float = 0.05
-    ema_start: int = 0
-    # Gradient penalties: R1 on real images, applied lazily every r1_every D steps (weight x r1_every);
-    # WGAN-GP on real/fake interpolates. 0 = off.
-    r1_gamma: float = 0.0
-    r1_every: int = 16
-    gp_weight: float = 0.0
-    # Differentiable augmentation of D's inputs (gannet.models.augment): DiffAugment with `diffaugment`'s ops,
-    # or ADA, whose p is tuned towards ada_target every ada_interval G steps, at most 1 per ada_kimg thousand images.
-    augment: Literal["none", "diffaugment", "ada"] = "none"
-    diffaugment: str = "color,translation,cutout"
-    ada_target: float = 0.6
-    ada_interval: int = 4
-    ada_kimg: float = 50.0
-    # Top-k training (Sinha et al. 2020): G learns only from the fraction of its fakes D rates most
-    # real, falling linearly from 1 to `topk` over the first topk_kimg thousand images (1 = off).
-    topk: float = 1.0
-    topk_kimg: float = 64.0
+    # Generator EMA (StyleGAN2-ADA): G_ema samples, G trains.
+    ema_kimg: float = 0.0  # EMA of G: half-life in thousands of images (0 = off; StyleGAN2-ADA: 10)
+    ema_rampup: float = 0.05  # EMA ramp-up: the half-life is at most this x the images seen so far (0 = none)
+    ema_start: int = 0  # the G step the EMA starts averaging at (before it, G_ema copies G)
+    # Gradient penalties (0 = off).
+    r1_gamma: float = 0.0  # R1 weight: gamma / 2 x E ||grad_x D(x)||^2 on real images (StyleGAN2)
+    r1_every: int = 16  # lazy R1: applied every N-th D step with weight x N
+    gp_weight: float = 0.0  # WGAN-GP weight on real/fake interpolates (WGAN-GP: 10)
+    # Differentiable augmentation of D's inputs, real and fake alike (gannet.models.augment).
+    augment: Literal["none", "diffaugment", "ada"] = "none"  # DiffAugment (fixed ops) or ADA (adaptive probability p)
+    diffaugment: str = "color,translation,cutout"  # DiffAugment's ops, comma-separated
+    ada_target: float = 0.6  # ADA: the target of E sign(D(x)), D's overfitting heuristic r_t
+    ada_interval: int = 4  # ADA: G steps between adjustments of p
+    ada_kimg: float = 50.0  # ADA: thousands of images for p to move by at most 1
+    # Top-k training (Sinha et al. 2020).
+    topk: float = 1.0  # G learns only from this fraction of its fakes, those D rates most real (1 = off)
+    topk_kimg: float = 64.0  # thousands of images over which the fraction falls linearly from 1 to topk
 
     def validate(self) -> None:
         if self.d_steps < 1:

@@ -1,7 +1,7 @@
-"""Class-conditional GAN (Mirza & Osindero 2014), with a projection discriminator (Miyato & Koyama
-2018) by default and label concatenation as the option (`model.discriminator: concat`).
+"""Class-conditional GAN (Mirza & Osindero 2014): D sees the label as one-hot planes beside the image
+(`model.discriminator: concat`, as cgan_mnist) or through a projection (`projection`, Miyato & Koyama 2018).
 
-G(z, y) and D(x, y) see the class label y; the game is the GAN's (non-saturating or minimax),
+G(z, y) and D(x, y) see the class label y; the game is the GAN's (non-saturating, minimax or hinge),
 played per class, so one generator learns every class's distribution and `gannet sample
 --label 7` draws sevens. Fakes in D's step carry the labels of the real batch beside them, so D
 judges real and fake images of the same classes.

@@ -22,7 +22,9 @@ from gannet.models.recipes.base import AdversarialParams, AdversarialRecipe
 @dataclass
 class GANParams(AdversarialParams):
     name: ClassVar[str] = "gan"
-    # hinge (Lim & Ye; Miyato et al.): D minimises E relu(1 - D(x)) + E relu(1 + D(G(z))), G maximises E D(G(z))
+    # the game's loss. nonsaturating: G maximises log D(G(z)); minimax: G minimises log(1 - D(G(z)))
+    # (the paper's game; its gradient vanishes early); hinge (Lim & Ye; Miyato et al.): D minimises
+    # E relu(1 - D(x)) + E relu(1 + D(G(z))), G maximises E D(G(z)).
     loss: Literal["nonsaturating", "minimax", "hinge"] = "nonsaturating"
 
 

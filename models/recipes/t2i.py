@@ -43,15 +43,15 @@ class T2IParams(GANParams):
     name: ClassVar[str] = "t2i"
     mismatch: bool = True  # GAN-CLS: the real-image + wrong-caption term in D's loss
     interpolate: bool = False  # GAN-INT: G also trains on interpolated caption embeddings
-    int_beta: float = 0.5
+    int_beta: float = 0.5  # GAN-INT: weight of the first caption's embedding in the mix (0.5 = midpoint)
     kl_weight: float = 1.0  # conditioning augmentation's KL weight (used when model.cond_aug=true)
     # shards the fixed sample-grid prompts come from; default: the held-out split (eval.heldout, else
     # val-*.tar beside data.shards), else data.shards
     prompts: str = ""
     # DF-GAN's matching-aware gradient penalty: weight * E ||grad_(x, s) D(x, s)||^power on real
-    # images with their own captions (DF-GAN: 2 and 6); 0 = off
-    ma_gp_weight: float = 0.0
-    ma_gp_power: float = 6.0
+    # images with their own captions (DF-GAN: 2 and 6).
+    ma_gp_weight: float = 0.0  # MA-GP's weight (DF-GAN: 2; 0 = off)
+    ma_gp_power: float = 6.0  # MA-GP's power of the gradient norm (DF-GAN: 6)
     mode_seeking: float = 0.0  # MSGAN's weight on 1 / (image distance per noise distance) for one caption; 0 = off
 
     @property

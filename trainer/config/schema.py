@@ -17,11 +17,11 @@ class DataConfig:
     """Where the shards are and how samples become batches."""
 
     shards: str = "data/mnist/train-{000000..000008}.tar"  # brace pattern, glob, s3://bucket/prefix/, http(s)://, pipe:
-    image_size: int = 28
-    channels: int = 1
+    image_size: int = 28  # side in pixels: images are resized (bicubic) to image_size x image_size
+    channels: int = 1  # 1 = greyscale, 3 = RGB; images are converted on decoding
     batch_size: int = 64  # per process
     num_workers: int = 1  # loader processes per rank; each reads its own shards
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples in the seeded shuffle buffer behind each loader worker
     max_errors: int = 100  # corrupt samples/shards skipped before the run stops
     text_encoder: str = ""  # captions -> `text_emb`: minilm (bundled all-MiniLM-L6-v2), a HF model folder, hashed; "" = no text
     shards_b: str = ""  # a second, independently shuffled stream (domain B of unpaired translation, e.g. CycleGAN)
@@ -36,9 +36,9 @@ class DataConfig:
 class ModelConfig:
     """Which registered networks to build, and their widths."""
 
-    generator: str = "dcgan"
-    discriminator: str = "dcgan"
-    z_dim: int = 100
+    generator: str = "dcgan"  # the generator network, by its registered name (gannet.models.networks)
+    discriminator: str = "dcgan"  # the discriminator network, by its registered name
+    z_dim: int = 100  # dimensions of G's noise input z
     g_width: int = 64  # channels of G's last hidden layer (DCGAN's ngf)
     d_width: int = 64  # channels of D's first layer (DCGAN's ndf)
     norm: Literal["batch", "none"] = "batch"  # none: no BatchNorm (results independent of batch split)
@@ -54,10 +54,10 @@ class ModelConfig:
 class OptimConfig:
     """Adam for one network, with an optional linear decay to zero (as CycleGAN uses)."""
 
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    weight_decay: float = 0.0
-    schedule: Literal["constant", "linear"] = "constant"
+    lr: float = 2e-4  # Adam's learning rate
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's (beta1, beta2); DCGAN: (0.5, 0.999), SNGAN/BigGAN: (0, 0.9)
+    weight_decay: float = 0.0  # Adam's L2 weight decay (added to the gradient; 0 = off)
+    schedule: Literal["constant", "linear"] = "constant"  # linear: from decay_from, the LR falls linearly to 0 at train.steps
     decay_from: int = 0  # step where linear decay starts (schedule=linear)
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage for this network (train.strategy=deepspeed)
@@ -65,6 +65,8 @@ class OptimConfig:
 
 @dataclass
 class OptimPair:
+    """One optimizer per network: `optim.g` for the generator, `optim.d` for the discriminator."""
+
     g: OptimConfig = field(default_factory=OptimConfig)
     d: OptimConfig = field(default_factory=OptimConfig)
 
@@ -84,10 +86,10 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout per network; auto = where measured faster
     adam: Literal["auto", "fused", "foreach", "loop"] = "auto"  # Adam's implementation; auto = fused
     cpu: bool = False  # force CPU even when a GPU is present
-    log_every: int = 50
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    log_every: int = 50  # steps between log lines and metrics.jsonl records; also where a preemption stop is agreed
+    sample_every: int = 500  # steps between sample grids (runs/NAME/samples/step-N.png)
+    checkpoint_every: int = 500  # steps between checkpoints (one is also written at the last step)
+    keep_checkpoints: int = 3  # the newest N checkpoints are kept, older ones deleted
     num_samples: int = 64  # images in each sample grid (fixed noise)
     max_nonfinite: int = 20  # consecutive steps with a skipped (non-finite) update before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last checkpoint, or stop with a message
@@ -116,17 +118,21 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "gannet"
+    """Where metrics go besides metrics.jsonl and train.log, and how the terminal shows progress."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # offline: local files, `wandb sync` uploads them later
+    wandb_project: str = "gannet"  # the W&B project runs are logged to
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto = bar on a terminal, lines otherwise
 
 
 @dataclass
 class Config:
-    name: str = "run"
-    seed: int = 0
-    run_dir: str = ""  # default: runs/<name>
-    resume: Literal["never", "auto"] = "never"
+    """A whole run: its name and seed, and one section per part of gannet."""
+
+    name: str = "run"  # the run's name; default: the config file's name (sngan_mnist)
+    seed: int = 0  # seeds the weights, the noise and the data order: the same seed trains the same run
+    run_dir: str = ""  # the run's folder (config, checkpoints, samples, logs); "" = runs/<name>
+    resume: Literal["never", "auto"] = "never"  # auto: continue from run_dir's latest checkpoint; never: refuse a run_dir that has one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     recipe: Any = None  # the named recipe's Params dataclass
