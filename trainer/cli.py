@@ -19,6 +19,7 @@ from gannet.trainer.errors import ConfigError, GannetError
 
 EPILOG = """examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
+  gannet shards mnist --size 32 --out data/mnist32   # the same, padded to 32 px (r3gan_mnist)
   gannet train lsgan_mnist                        # configs/lsgan_mnist.yaml
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
   gannet train lsgan_mnist resume=auto            # continue runs/lsgan_mnist exactly
@@ -70,6 +71,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--holdout", type=int, help=("samples held out: val-*.tar for mnist (default 500), captions/cub/coco "
                                                "(default 0); testA/ testB/ for silhouettes (default 100)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
+    p.add_argument("--size", type=int, default=0, help=("mnist: pad the 28-px digits with background to SIZE px "
+                                                        "(32 for R3GAN's networks, which double a 4x4 map); default: as they are"))
 
     p = sub.add_parser("sample", help="draw a sample grid from a run, or translate a folder", description=(
         "Draw samples from RUN_DIR's latest checkpoint into a PNG grid; for CycleGAN, translate the images "
@@ -228,7 +231,7 @@ def _write_shards(args: argparse.Namespace, shards, report: bool = True):
         counts = shards.write_silhouette_shards(args.out, shard_size=args.shard_size, seed=args.seed, **holdout)
     elif args.kind == "mnist":
         counts = shards.write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
-                                           seed=args.seed, **holdout)
+                                           seed=args.seed, size=args.size, **holdout)
     else:
         if args.source is None:
             raise ConfigError(f"gannet shards {args.kind} needs its source: the folder, or the COCO captions JSON")
