@@ -117,6 +117,18 @@ def test_r1_plus_r2_is_gamma_half_of_both_squared_gradient_norms(tmp_path):
     assert "r2" not in stats and alone.item() == pytest.approx(0.25 * ref[0], rel=1e-5)
 
 
+def test_lazy_r1_r2_runs_every_nth_d_step_scaled_by_n(tmp_path):
+    """r1_every=3 (StyleGAN2's lazy regularisation, off by default): the penalty on D steps 0 and 3
+    with weight gamma/2 x 3; the steps between report its last values."""
+    r3, D = recipe(tmp_path, **{"recipe.gamma": 0.5, "recipe.r1_every": 3}), Linear()
+    real, fake = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    w2 = (torch.arange(64.0) / 64).square().sum().item()
+    calls = [r3.d_penalty(D, real, fake, ()) for _ in range(4)]
+    assert [term is not None for term, _ in calls] == [True, False, False, True]
+    assert calls[0][0].item() == pytest.approx(0.5 * 0.5 * 3 * 2 * w2)
+    assert calls[1][1]["r2"].item() == pytest.approx(w2) and r3.state_dict()["last_penalty"]["gamma"] == 0.5
+
+
 # -- the networks ----------------------------------------------------------------------------------
 
 # Counted by building the official networks (brownvc/R3GAN at 19a7ddf: training/networks.py with

@@ -372,8 +372,8 @@ class AdversarialRecipe(Recipe):
         `D` is the plain network (`step.module("D")`): a penalty differentiates D's output by its
         input, and DeepSpeed's engine takes any backward through its forward for the training one."""
         penalty, penalty_stats = self.d_penalty(D, real, fake, cond)
-        if penalty is None:
-            return loss, stats
+        if penalty is None:  # none this step (lazy R1): its stats may still report the last value
+            return loss, {**stats, **penalty_stats}
         return loss + penalty, {**stats, **penalty_stats}
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ class R3GANParams(AdversarialParams):
     schedule_kimg: float = 20000.0
     augment_p: float = 0.0
     ema_rampup: float = 0.0  # must stay 0: the half-life's cosine from 0 is R3GAN's ramp-up
+    r1_every: int = 1  # lazy: R1 + R2 on every r1_every-th D step, weight x r1_every (StyleGAN2); 1 = every step, as R3GAN
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +81,7 @@ class R3GAN(AdversarialRecipe):
     def __init__(self, params: R3GANParams, cfg: Config, examples: Examples | None = None):
         super().__init__(params, cfg, examples)
         self.images = 0  # images G has learned from: where the schedules stand (checkpointed)
+        self.last_penalty: dict[str, float] = {}  # reported on the lazy steps between penalties (r1_every > 1)
 
     def build(self) -> dict[str, nn.Module]:
         nets = super().build()
@@ -142,8 +144,8 @@ class R3GAN(AdversarialRecipe):
         norms split back into R1 (reals) and R2 (fakes)."""
         total, stats = super().d_penalty(D, real, fake, cond)
         gamma, n = self.gamma(), real.shape[0]
-        if gamma <= 0:
-            return total, stats
+        if gamma <= 0 or not self.lazy_r1():
+            return total, {**stats, **{k: torch.tensor(v, device=real.device) for k, v in self.last_penalty.items()}}
         both = self.params.penalty == "r1+r2"
         x, c = (torch.cat([real, fake]), tuple(torch.cat([t, t]) for t in cond)) if both else (real, cond)
         norms = penalties.squared_grad_norms(lambda y, *k: self.discriminate(D, y, *k), x, *c)
@@ -152,7 +154,8 @@ class R3GAN(AdversarialRecipe):
         if both:
             r2 = norms[n:].mean()
             stats["r2"] = r2.detach()
-        term = 0.5 * gamma * (r1 + r2 if both else r1)
+        term = 0.5 * gamma * self.params.r1_every * (r1 + r2 if both else r1)
+        self.last_penalty = {k: stats[k].item() for k in ("r1", "r2", "gamma") if k in stats}
         return term if total is None else total + term, stats
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -190,12 +193,12 @@ class R3GAN(AdversarialRecipe):
         return super().generate(nets, inputs).clamp(-1, 1)  # G has no tanh: pixels outside the range are clipped
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "images": self.images}
+        return {**super().state_dict(), "images": self.images, "last_penalty": dict(self.last_penalty)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if state:
-            self.images = state["images"]
+            self.images, self.last_penalty = state["images"], dict(state["last_penalty"])
 
 
 @dataclass
