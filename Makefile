@@ -8,10 +8,13 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gannet-installed
 MNIST := data/mnist/train-000000.tar
+MNIST32 := data/mnist32/train-000000.tar
 SILHOUETTES := data/silhouettes/a-000000.tar
 CONFIG ?= sngan_mnist
 # The shards a config trains on: MNIST unless the config is listed here.
 DATA_cyclegan_silhouettes := $(SILHOUETTES)
+DATA_r3gan_mnist := $(MNIST32)
+DATA_r3gan_cmnist := $(MNIST32)
 DATA = $(or $(DATA_$(CONFIG)),$(MNIST))
 
 .PHONY: install train test shards clean clean-runs clean-data bench-gpu
@@ -28,6 +31,9 @@ $(STAMP): pyproject.toml
 $(MNIST): | $(STAMP)
 	$(BIN)/gannet shards mnist --out data/mnist
 
+$(MNIST32): | $(STAMP)
+	$(BIN)/gannet shards mnist --size 32 --out data/mnist32
+
 $(SILHOUETTES): | $(STAMP)
 	$(BIN)/gannet shards silhouettes --out data/silhouettes
 
@@ -36,7 +42,8 @@ shards: $(MNIST)
 # Trains the default (configs/sngan_mnist.yaml: SNGAN networks, spectral-norm D, hinge, G EMA, 2,000 steps)
 # on the bundled real MNIST digits; runs/sngan_mnist/samples/*.png. CONFIG=lsgan_mnist: the plain LSGAN.
 # Running it again continues the same run (resume=auto) instead of starting over.
-# `make train CONFIG=cyclegan_silhouettes` writes the horse/zebra silhouette shards first.
+# `make train CONFIG=cyclegan_silhouettes` writes the horse/zebra silhouette shards first, CONFIG=r3gan_mnist
+# (and r3gan_cmnist) the digits padded to 32 px.
 train: $(STAMP) $(DATA)
 	$(BIN)/gannet train $(CONFIG) resume=auto $(ARGS)
 

@@ -5,7 +5,8 @@ Whatever the world size, accumulation or strategy, every configuration sees the 
 batches and the same global noise, split into world x accumulation equal chunks, so the final
 weights must agree to float tolerance: that is what the equivalence tests assert. Only the data
 and noise sources are replaced; networks, recipe, DDP/DeepSpeed and optimizers are the real ones.
-HARNESS_NAN_BATCH=CALL:RANK makes that rank's batch number CALL all NaN, HARNESS_INF_GRAD=CALL:RANK
+HARNESS_CONFIG names the config (default lsgan_mnist). HARNESS_NAN_BATCH=CALL:RANK makes
+that rank's batch number CALL all NaN, HARNESS_INF_GRAD=CALL:RANK
 makes D's gradient from that batch infinite with a finite loss (an overflow in backward): fault
 injection. Each rank then writes OUT.rankR.json: its count of skipped steps, a checksum of its
 weights, whether each skipped step left D's weights and optimizer state exactly as they were, and
@@ -53,16 +54,19 @@ def d_state(engine) -> list[torch.Tensor]:
 
 
 def main(out: str, steps: int, overrides: list[str]) -> None:
-    probe = load_config("lsgan_mnist", overrides)
+    config = os.environ.get("HARNESS_CONFIG", "lsgan_mnist")  # any unconditional MNIST config (r3gan_mnist: 32 px)
+    probe = load_config(config, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro_batch = GLOBAL_BATCH // (world * probe.train.grad_accum)
-    cfg = load_config("lsgan_mnist", [*overrides, f"data.batch_size={micro_batch}", "model.norm=none",
-                                      "optim.g.lr=1e-3", "optim.d.lr=1e-3"])
+    cfg = load_config(config, [*overrides, f"data.batch_size={micro_batch}", "model.norm=none",
+                               "optim.g.lr=1e-3", "optim.d.lr=1e-3"])
     job = setup(cfg)
     engine, recipe = job.engine, job.recipe
 
     pixels, _ = bundled_mnist()
     images = torch.from_numpy(pixels[:512]).float().div(127.5).sub(1).unsqueeze(1)
+    pad = (cfg.data.image_size - images.shape[-1]) // 2  # on a background canvas, as `gannet shards mnist --size`
+    images = torch.nn.functional.pad(images, [pad] * 4, value=-1.0)
     calls = {"batch": 0, "noise": 0}
 
     def batch() -> dict[str, torch.Tensor]:

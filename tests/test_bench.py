@@ -28,6 +28,7 @@ def test_bench_scaling_reports_throughput_and_bench_memory_sees_zero2_halve_opti
     assert ddp["params"] == zero2["params"] > 0  # ZeRO-2 keeps whole parameters on every rank
     assert 0.45 < zero2["optimizer_vs_ddp"] < 0.6  # Adam's moments split over 2 ranks
     assert ddp["master"] == 0 < zero2["master"]
+    assert ddp["activations"] > 0 and ddp["peak"] == ddp["total"] + ddp["activations"]
     assert "memory per rank" in result.stdout and "zero2" in result.stdout
 
 

@@ -16,15 +16,15 @@ from tests.conftest import gannet
 
 BASE = yaml.safe_load((CONFIG_DIR / "lsgan_mnist.yaml").read_text())
 SECTIONS = {"data": ["shards", "image_size", "channels", "batch_size", "num_workers", "max_errors", "load_size", "mirror"],
-            "model": ["generator", "discriminator", "z_dim", "g_width", "norm", "num_classes"],
-            "optim.g": ["lr", "betas", "schedule", "decay_from", "clip_grad", "zero_stage"],
+            "model": ["generator", "discriminator", "z_dim", "g_width", "norm", "num_classes", "widths", "expansion"],
+            "optim.g": ["lr", "betas", "schedule", "decay_from", "clip_grad", "zero_stage", "lr_final", "decay_kimg"],
             "train": ["steps", "strategy", "grad_accum", "mixed_precision", "log_every", "keep_checkpoints"],
             "eval": ["every", "samples", "extractor", "inception"], "log": ["wandb", "progress"],
             "recipe": ["name", "d_steps", "a", "b", "c", "loss", "int_beta", "pool_size"], "": ["name", "seed", "resume", "run_dir"]}
 
 scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=12) | st.sampled_from(["lsgan", "gan", "cyclegan", "t2i", "cgan", "inception", "bf16", "linear",
-                                                    "deepspeed", "1e-3", "[0.5, 0.9]", "auto", "0"]))
+                                                    "deepspeed", "1e-3", "[0.5, 0.9]", "auto", "0", "cosine"]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=6) | st.integers(0, 3), inner, max_size=3), max_leaves=6)
 known_keys = st.sampled_from([f"{section}.{key}".lstrip(".") for section, keys in SECTIONS.items() for key in keys])

@@ -45,14 +45,15 @@ def test_two_emulated_nodes_on_loopback(small_shards, tmp_path):
     assert (run_dir / "checkpoints" / "step-00000020" / "rank1.json").exists()
 
 
-def harness(out: Path, processes: int, *overrides: str, steps: int = 4) -> dict[str, torch.Tensor]:
-    """Weights after `steps` iterations on fixed global batches (tests/dist_harness.py)."""
+def harness(out: Path, processes: int, *overrides: str, steps: int = 4, config: str = "lsgan_mnist") -> dict[str, torch.Tensor]:
+    """Weights after `steps` iterations of `config` on fixed global batches (tests/dist_harness.py)."""
     script = str(REPO / "tests" / "dist_harness.py")
     args = [str(out), str(steps), "train.cpu=true", "train.mixed_precision=no", *overrides]  # an fp32 tolerance claim
+    env = process_env(HARNESS_CONFIG=config)
     if processes == 1:
-        run([sys.executable, script, *args])
+        run([sys.executable, script, *args], env=env)
     else:
-        run([str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(free_port()), script, *args])
+        run([str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(free_port()), script, *args], env=env)
     return load_file(str(out))
 
 

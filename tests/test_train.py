@@ -29,10 +29,11 @@ from tests.conftest import (
 
 def bundled_config(recipe: str) -> Path:
     """The smallest config under configs/ that trains `recipe`: every registered recipe ships one."""
-    found = [(raw.get("data", {}).get("image_size", 28), path) for path in sorted((REPO / "configs").glob("*.yaml"))
+    found = [(raw.get("data", {}).get("image_size", 28), raw.get("data", {}).get("channels", 1), path)
+             for path in sorted((REPO / "configs").glob("*.yaml"))
              if ((raw := yaml.safe_load(path.read_text())).get("recipe") or {}).get("name") == recipe]
     assert found, f"recipe {recipe} has no config in configs/: a new GAN is one recipe module plus one YAML"
-    return min(found)[1]
+    return min(found)[-1]
 
 
 @pytest.mark.parametrize("recipe", sorted(discover()))

@@ -26,6 +26,7 @@ EPILOG = f"""examples:
   gannet shards mnist --out data/mnist            # 5,000 real MNIST digits, bundled offline
   gannet train {DEFAULT_CONFIG}                        # configs/{DEFAULT_CONFIG}.yaml, the default
   gannet train {DEFAULT_CONFIG} --dry-run              # the resolved config and what each `auto` picks here
+  gannet shards mnist --size 32 --out data/mnist32   # the same, padded to 32 px (r3gan_mnist)
   gannet train gan_mnist recipe.loss=minimax train.steps=500 run_dir=runs/mm
   gannet train {DEFAULT_CONFIG} resume=auto            # continue runs/{DEFAULT_CONFIG} exactly
   gannet train {DEFAULT_CONFIG} data.shards=s3://bucket/mnist/    # shards in an object store (AWS_ENDPOINT_URL, AWS_PROFILE, ...)
@@ -116,7 +117,8 @@ def add_shards_parser(sub: argparse._SubParsersAction) -> None:
                                                "(default 0), images (default 0); testA/ testB/ for silhouettes (default 100)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting (default 0)")
     g = p.add_argument_group("images")
-    g.add_argument("--size", type=int, help="side of the square images written, in pixels (e.g. 256)")
+    g.add_argument("--size", type=int, help=("images: side of the square images written, in pixels (e.g. 256); mnist: pad "
+                   "the 28-px digits with background to SIZE px (32 for R3GAN's networks, which double a 4x4 map)"))
     g.add_argument("--transform", default="center-crop", help=("center-crop (default) | center-crop-wide (a 2:1 band "
                    "in the square) | pad (whole image, bars of --background) | stretch"))
     g.add_argument("--format", default="jpg", help=("jpg (default) | png | keep (JPEG/PNG/WebP files stored as they are, "
@@ -362,7 +364,7 @@ def _write_shards(args: argparse.Namespace, shards, report: bool = True):
         counts = shards.write_silhouette_shards(args.out, shard_size=args.shard_size, seed=args.seed, **holdout)
     elif args.kind == "mnist":
         counts = shards.write_mnist_shards(args.out, images=args.images, labels=args.labels, shard_size=args.shard_size,
-                                           seed=args.seed, **holdout)
+                                           seed=args.seed, size=args.size, **holdout)
     else:
         if args.source is None:
             raise ConfigError(f"gannet shards {args.kind} needs its source: the folder, or the COCO captions JSON")

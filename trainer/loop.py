@@ -33,7 +33,7 @@ from gannet.trainer.config.schema import Config
 from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
 from gannet.trainer.engine import fast, preemption
 from gannet.trainer.engine.distributed import Engine
-from gannet.trainer.engine.setup import Job, setup
+from gannet.trainer.engine.setup import CosineSchedule, Job, setup
 from gannet.trainer.errors import ConfigError, GannetError
 from gannet.trainer.evaluation.evaluate import Evaluator
 from gannet.trainer.evaluation.images import grid_array, save_grid
@@ -206,6 +206,8 @@ def log_metrics(job: Job, tracker: Tracker, step: int, scalars: dict[str, float]
     engine = job.engine
     record = {f"train/{k}": v for k, v in scalars.items()}
     record.update({f"train/lr_{name.lower()}": s.get_last_lr()[0] for name, s in job.schedulers.items()})
+    record.update({f"train/beta2_{name.lower()}": s.beta2_at(s.last_epoch) for name, s in job.schedulers.items()
+                   if isinstance(s, CosineSchedule)})  # R3GAN's cosine moves Adam's beta2 too
     record["data/skipped"] = float(engine.data.position.errors)
     record["data/retries"] = float(engine.data.position.retries)  # remote shards: transient failures retried
     record["train/nonfinite_steps"] = float(engine.nonfinite_steps)

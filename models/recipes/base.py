@@ -356,16 +356,24 @@ class AdversarialRecipe(Recipe):
     def after_g_step(self, step: Step) -> None:
         """Called at the end of an iteration whose G optimizer step was taken (a skipped, non-finite step
         leaves the EMA and ADA's tally as they were): the EMA of G, and ADA's p."""
-        p, batch = self.params, self.images_per_g_step(step)
+        batch = self.images_per_g_step(step)
         if "G_ema" in step.nets:
-            beta = ema.ema_beta(batch, self.ema_images, p.ema_kimg * 1000, p.ema_rampup) if self.g_steps >= p.ema_start else 0.0
+            beta = self.ema_beta(batch) if self.g_steps >= self.params.ema_start else 0.0
             with step.gathered("G") as G:
                 ema.update_average(step.nets["G_ema"], G, beta)
             self.ema_images += batch
-        if p.augment == "ada":
-            device = next(step.nets["D"].parameters()).device
-            self.ada.after_step(batch, lambda t: step.mean(t.to(device)).cpu())
+        if self.params.augment == "ada":
+            self.tune_ada(step, batch)
         self.g_steps += 1
+
+    def ema_beta(self, batch: int) -> float:
+        """The EMA's decay for a G step of `batch` images: StyleGAN2-ADA's half-life and ramp-up."""
+        return ema.ema_beta(batch, self.ema_images, self.params.ema_kimg * 1000, self.params.ema_rampup)
+
+    def tune_ada(self, step: Step, batch: int) -> None:
+        """ADA's feedback: p follows D's tally on real images, averaged over ranks."""
+        device = next(step.nets["D"].parameters()).device
+        self.ada.after_step(batch, lambda t: step.mean(t.to(device)).cpu())
 
     def state_dict(self) -> dict:
         """Counters that exact resume needs: EMA images seen, lazy-R1 calls, ADA's p and its tally."""
@@ -396,8 +404,8 @@ class AdversarialRecipe(Recipe):
         `D` is the plain network (`step.module("D")`): a penalty differentiates D's output by its
         input, and DeepSpeed's engine takes any backward through its forward for the training one."""
         penalty, penalty_stats = self.d_penalty(D, real, fake, cond)
-        if penalty is None:
-            return loss, stats
+        if penalty is None:  # none this step (lazy R1): its stats may still report the last value
+            return loss, {**stats, **penalty_stats}
         return loss + penalty, {**stats, **penalty_stats}
 
     def d_outputs(self, real_out: torch.Tensor, fake_out: torch.Tensor) -> dict[str, torch.Tensor]:

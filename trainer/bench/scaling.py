@@ -7,7 +7,9 @@ against a reference from the same run.
 - memory per rank: one engine per strategy (DDP, ZeRO-1/2/3) on N processes; after a real
   backward, the bytes this rank holds in parameters, gradients, optimizer state (Adam's moments)
   and ZeRO's fp32 master copies, found by walking the tensors the model and the (ZeRO) optimizer
-  own, counting each storage once.
+  own, counting each storage once; the activations, the tensors autograd saves for the largest
+  update's backward (linear in the batch: what `data.batch_size` adds per rank); and the bytes
+  each rank hands to collectives in one iteration (DDP's gradient buckets, ZeRO's traffic).
 
 Nothing here is asserted: the numbers go to the terminal and to a JSON file. The CycleGAN step
 against a plain eager reference is gannet.trainer.bench.step (`gannet bench step`).
@@ -110,20 +112,91 @@ def rank_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     return out
 
 
+class SavedActivations:
+    """The activations one update holds: bytes of the tensors autograd saves for its backward (a
+    penalty's double-backward graph included), each storage once, parameters excluded (counted as
+    parameters), from the previous update to this one's backward; per network, the largest."""
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.seen, self.bytes, self.peak = set(self.params), 0, {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes += storage_bytes([tensor], self.seen)
+        return tensor
+
+    def before_backward(self, name: str) -> None:
+        self.peak[name] = max(self.peak.get(name, 0), self.bytes)
+        self.seen, self.bytes = set(self.params), 0
+
+
+class Collectives:
+    """Bytes this rank hands to collectives in the measured iteration, by operation: DDP's gradient
+    buckets through a comm hook that counts each and then all-reduces it as DDP would, and ZeRO's
+    traffic as DeepSpeed's own comms logger records it (message sizes, per rank)."""
+
+    def __init__(self, engine: Any):
+        self.ddp, self.counting = 0, False
+        self.deepspeed = engine.cfg.train.strategy == "deepspeed"
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(state, bucket):  # unannotated: DDP checks a hook's annotations against its own types
+            if self.counting:
+                self.ddp += bucket.buffer().numel() * bucket.buffer().element_size()
+            return default_hooks.allreduce_hook(state, bucket)
+
+        for net in engine.nets.values():  # before the first backward: DDP fixes its hook then
+            if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+                net.register_comm_hook(None, hook)
+
+    def start(self) -> None:
+        self.counting = True
+        if self.deepspeed:
+            import deepspeed.comm as dist
+
+            dist.comms_logger.reset_data()
+            dist.configure(enabled=True, prof_all=True)
+
+    def stop(self) -> dict[str, int]:
+        self.counting = False
+        out = {"all_reduce": self.ddp} if self.ddp else {}
+        if self.deepspeed:
+            import deepspeed.comm as dist
+
+            dist.configure(enabled=False)
+            for name, sizes in dist.comms_logger.comms_dict.items():
+                out[name] = out.get(name, 0) + sum(int(size) * record[0] for size, record in sizes.items())
+        return out
+
+
 def memory_worker(out: str, config: str, overrides: list[str]) -> None:
     """Under torchrun: set the job up, train one iteration (optimizer state is allocated on the
     first step), then, in the second, measure each optimised network just before its optimizer
-    step, when its gradients exist: the same for every recipe, whatever its losses."""
+    step, when its gradients exist, and the activations each update saves for its backward: the
+    same for every recipe, whatever its losses."""
     cfg = load_config(config, overrides)
     job = setup(cfg, ShardExamples(cfg))
     engine = job.engine
     engine.data = open_stream(stream_urls(cfg.data), cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed)
+    collectives = Collectives(engine)
     job.recipe.iteration(engine)
     report: dict[str, dict[str, int]] = {}
     engine.before_step.append(lambda name: report.setdefault(name, rank_bytes(engine.module(name), engine.optimizers[name])))
-    job.recipe.iteration(engine)
+    saved, update = SavedActivations(p for name in engine.nets for p in engine.module(name).parameters()), engine.update
+
+    def measured_update(name: str, loss: torch.Tensor) -> None:
+        saved.before_backward(name)
+        update(name, loss)
+
+    engine.update = measured_update
+    collectives.start()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
+        job.recipe.iteration(engine)
+    comm = collectives.stop()
+    for name, net in report.items():
+        net["activations"] = saved.peak.get(name, 0)
     if engine.is_main:
-        Path(out).write_text(json.dumps({"world": engine.world, "networks": report}))
+        Path(out).write_text(json.dumps({"world": engine.world, "networks": report, "collectives": comm}))
     engine.close()
 
 
@@ -135,7 +208,10 @@ def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bo
         _check(result, f"memory under {strategy}")
         report = json.loads(Path(out.name).read_text())
     totals = {k: sum(net[k] for net in report["networks"].values()) for k in ("params", "grads", "optimizer", "master")}
-    return {"strategy": strategy, "world": report["world"], **totals, "total": sum(totals.values()), "networks": report["networks"]}
+    activations = max(net["activations"] for net in report["networks"].values())  # one update's graph at a time
+    return {"strategy": strategy, "world": report["world"], **totals, "total": sum(totals.values()),
+            "activations": activations, "peak": sum(totals.values()) + activations, "networks": report["networks"],
+            "collectives": report["collectives"], "communicated": sum(report["collectives"].values())}
 
 
 def _device(cpu: bool) -> str:
@@ -183,12 +259,13 @@ def format_scaling(result: dict[str, Any]) -> str:
 def format_memory(result: dict[str, Any]) -> str:
     mib = lambda n: f"{n / 2**20:8.2f}"  # noqa: E731
     lines = [f"gannet bench memory: {result['config']} {' '.join(result['overrides'])} on {result['device']}", "",
-             "memory per rank, G + D (MiB)",
+             "memory per rank, G + D (MiB; activations: the larger update's saved tensors at data.batch_size)",
              f"{'strategy':>8} {'world':>5} {'params':>8} {'grads':>8} {'optim':>8} {'master':>8} {'total':>8} "
-             f"{'optim/ddp':>9} {'total/ddp':>9}"]
+             f"{'optim/ddp':>9} {'total/ddp':>9} {'activ':>8} {'peak':>8} {'comm/step':>9}"]
     lines += [f"{r['strategy']:>8} {r['world']:>5} {mib(r['params'])} {mib(r['grads'])} {mib(r['optimizer'])} "
               f"{mib(r['master'])} {mib(r['total'])}"
-              f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f}" for r in result["memory_per_rank"]]
+              f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f} {mib(r['activations'])} {mib(r['peak'])}  {mib(r['communicated'])}"
+              for r in result["memory_per_rank"]]
     return "\n".join(lines)
 
 

@@ -220,6 +220,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed (choose one of: {', '.join(map(str, allowed))})")
         return value
+    if origin is list:  # any length (R3GAN's per-stage model.widths)
+        (arg,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [256, 256, 128]")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -308,6 +313,9 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"optim.{net}.betas={list(opt.betas)} must each be in [0, 1)")
         if opt.schedule == "linear" and not 0 <= opt.decay_from < cfg.train.steps:
             raise ConfigError(f"optim.{net}.decay_from={opt.decay_from} must be in [0, train.steps={cfg.train.steps})")
+        if opt.schedule == "cosine" and not (opt.decay_kimg > opt.warmup_kimg >= 0 and opt.lr_final >= 0 and 0 <= opt.beta2_final < 1):
+            raise ConfigError(f"optim.{net}: schedule=cosine needs decay_kimg={opt.decay_kimg} > warmup_kimg={opt.warmup_kimg} >= 0, "
+                              f"lr_final={opt.lr_final} >= 0 and beta2_final={opt.beta2_final} in [0, 1)")
     if not cfg.train.compile_backend:
         raise ConfigError("train.compile_backend must name a torch.compile backend (inductor, aot_eager, ...)")
     if cfg.train.compile == "on" and cfg.train.strategy == "deepspeed" and 3 in (cfg.optim.g.zero_stage, cfg.optim.d.zero_stage):
@@ -331,7 +339,7 @@ def _check_double_backward(cfg: Config) -> None:
     stages = {"G": cfg.optim.g.zero_stage, "D": cfg.optim.d.zero_stage}
     for name in penalised:
         if cfg.train.strategy == "deepspeed" and stages[name] == 3:
-            raise ConfigError(f"a gradient penalty on {name} (recipe.r1_gamma / gp_weight / ma_gp_weight > 0) needs "
+            raise ConfigError(f"a gradient penalty on {name} (recipe.r1_gamma / gp_weight / ma_gp_weight / gamma > 0) needs "
                               f"optim.{name.lower()}.zero_stage <= 2 under DeepSpeed: ZeRO-3 frees {name}'s weights "
                               f"before the penalty's double backward reaches them")
 

@@ -48,17 +48,30 @@ class ModelConfig:
     text_norm: Literal["none", "batch"] = "none"  # text: standardise each sentence-embedding dimension (BatchNorm, no affine) before G's and D's text layers
     spectral_norm: Literal["none", "d", "both"] = "none"  # spectral normalisation (Miyato et al.) of D's, or G's and D's, weights
     d_norm: Literal["", "batch", "none"] = ""  # D's normalisation layers; "" = as `norm` (SNGAN: D without BatchNorm)
+    # R3GAN's networks (generator/discriminator: r3gan, r3gan_cond): one value per stage from 4x4 up to
+    # data.image_size, in G's order (D mirrors them)
+    widths: list[int] = field(default_factory=list)  # r3gan: each stage's channels, 4x4 first
+    blocks: list[int] = field(default_factory=list)  # r3gan: residual blocks per stage ([] = 2 each)
+    cardinality: list[int] = field(default_factory=list)  # r3gan: groups of each block's 3x3 conv ([] = 16 expanded channels per group)
+    expansion: int = 2  # r3gan: the blocks' 1x1 expansion factor
 
 
 @dataclass
 class OptimConfig:
-    """Adam for one network, with an optional linear decay to zero (as CycleGAN uses)."""
+    """Adam for one network, with an optional linear decay to zero (as CycleGAN uses) or R3GAN's cosine."""
 
     lr: float = 2e-4  # Adam's learning rate
     betas: tuple[float, float] = (0.5, 0.999)  # Adam's (beta1, beta2); DCGAN: (0.5, 0.999), SNGAN/BigGAN: (0, 0.9)
     weight_decay: float = 0.0  # Adam's L2 weight decay (added to the gradient; 0 = off)
-    schedule: Literal["constant", "linear"] = "constant"  # linear: from decay_from, the LR falls linearly to 0 at train.steps
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # linear: from decay_from, the LR falls linearly to 0 at train.steps; cosine: R3GAN's (below)
     decay_from: int = 0  # step where linear decay starts (schedule=linear)
+    # schedule=cosine (R3GAN): over the images G has learned from (G steps x global batch), lr goes
+    # linearly from 0 to `lr` in warmup_kimg thousand images, then both lr and Adam's beta2 follow half a
+    # cosine from `lr` / betas[1] to lr_final / beta2_final at decay_kimg thousand images, and stay there.
+    lr_final: float = 0.0  # schedule=cosine: the learning rate at decay_kimg
+    beta2_final: float = 0.0  # schedule=cosine: Adam's beta2 at decay_kimg; 0 = betas[1] throughout
+    decay_kimg: float = 0.0  # schedule=cosine: thousands of images where the cosine ends
+    warmup_kimg: float = 0.0  # schedule=cosine: thousands of images of linear warm-up from lr 0
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage for this network (train.strategy=deepspeed)
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gannet.models import penalties
 from gannet.trainer.config.schema import Config
 
 log = logging.getLogger("gannet")
@@ -115,9 +116,28 @@ def channels_last_pays(net: nn.Module, setting: str, device: str) -> tuple[bool,
 
 
 def _wants_input_grad(args: tuple, kwargs: dict) -> bool:
-    """An input that is a leaf requiring grad: someone differentiates w.r.t. the input itself (R1,
-    WGAN-GP), usually with create_graph=True, which compiled graphs cannot back-propagate twice."""
+    """A penalty's forward (gannet.models.penalties marks them), or an input that is a leaf requiring
+    grad: someone differentiates w.r.t. the input itself (R1, WGAN-GP), usually with
+    create_graph=True, which compiled graphs cannot back-propagate twice."""
+    if penalties.differentiated_twice():
+        return True
     return any(isinstance(a, torch.Tensor) and a.is_leaf and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+def fp32_penalties(net: nn.Module, device: str) -> None:
+    """Under autocast (DDP's bf16/fp16), run a gradient penalty's forward in fp32: ||grad_x D||^2 is
+    a small difference of large terms that bf16's 8-bit mantissa rounds away, and its double
+    backward would inherit the rounding. Wraps `forward` before Accelerate wraps it in autocast; a
+    nested autocast(enabled=False) wins over the outer one."""
+    inner: Callable = net.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and _wants_input_grad(args, kwargs):
+            with torch.autocast(device, enabled=False):
+                return inner(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args), **kwargs)
+        return inner(*args, **kwargs)
+
+    net.forward = forward
 
 
 def compile_network(net: nn.Module, backend: str) -> None:
@@ -146,6 +166,8 @@ def prepare_network(name: str, net: nn.Module, choices: Choices, cfg: Config) ->
         net.to(memory_format=torch.channels_last)
     if choices.compile:
         compile_network(net, cfg.train.compile_backend)
+    if choices.mixed_precision in ("bf16", "fp16") and cfg.train.strategy == "ddp":  # DeepSpeed casts the weights instead
+        fp32_penalties(net, choices.device)
 
 
 def match_layouts(optimizer: Any) -> None:
