@@ -146,19 +146,23 @@ def test_one_iteration_updates_all_four_networks_and_the_g_step_leaves_d_untouch
 
 
 def test_cli_trains_resumes_exactly_with_image_pools_and_translates_a_folder(silhouettes, tmp_path, capsys):
+    """With DiffAugment on D and an EMA of the generators: their RNG draws and average resume exactly too."""
     run_dir = tmp_path / "run"
-    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir))
+    options = {"recipe.augment": "diffaugment", "recipe.ema_kimg": 0.01}
+    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir, **options))
     final = run_dir / "checkpoints" / "step-00000006"
-    straight = {n: load_file(str(final / f"{n}.safetensors")) for n in ("G", "D")}
+    straight = {n: load_file(str(final / f"{n}.safetensors")) for n in ("G", "D", "G_ema")}
+    assert not all(torch.equal(straight["G"][k], straight["G_ema"][k]) for k in straight["G"])  # an average, not a copy
     straight_pools = load_state(final / "rank0")["recipe"]
     straight_rows = metrics(run_dir)
     assert set(straight["G"]) == {k for k in straight["G"] if k.startswith(("AB.", "BA."))} and len(straight["G"]) > 0
     assert [len(straight_pools[d]) for d in "AB"] == [3, 3]  # full pools: later steps drew from them at random
+    assert straight_pools["ema_images"] == 6 * 2
     assert straight_rows[-1]["train/lr_g"] == 0.0  # linear decay to zero at the last step
 
     shutil.rmtree(final)  # back to step 3, then resume: pools, RNG, both streams and optimizers restored
-    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir), "resume=auto")
-    for name in ("G", "D"):
+    cli("train", "cyclegan_silhouettes", *tiny(silhouettes["small"], run_dir, **options), "resume=auto")
+    for name in ("G", "D", "G_ema"):
         resumed = load_file(str(final / f"{name}.safetensors"))
         assert all(torch.equal(resumed[k], straight[name][k]) for k in resumed), f"{name} differs after resume"
     pools = load_state(final / "rank0")["recipe"]
@@ -222,3 +226,15 @@ def test_bench_times_the_step_beside_the_plain_reference_step_and_both_compute_t
     assert report["params"]["G"] == 2 * count(ResnetGenerator(1, 8, 6))
     assert json.loads(out.read_text())["ratio"] == report["ratio"]
     assert "ratio gannet/reference" in capsys.readouterr().out
+
+
+def test_diffaugment_changes_what_d_sees_and_only_when_asked(silhouettes, tmp_path):
+    seen = []
+    D = lambda x, domain: seen.append(x) or x.mean()  # noqa: E731  (records D's input)
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    for policy, differs in (("none", False), ("diffaugment", True)):
+        cfg = load_config("cyclegan_silhouettes", tiny(silhouettes["small"], tmp_path, **{"recipe.augment": policy}))
+        get_recipe("cyclegan")(cfg.recipe, cfg).judge(D, x, "A")
+        assert seen[-1].shape == x.shape and (not torch.equal(seen[-1], x)) == differs
+    with pytest.raises(ConfigError, match="recipe.diffaugment"):
+        load_config("cyclegan_silhouettes", tiny(silhouettes["small"], tmp_path, **{"recipe.diffaugment": "sharpen"}))

@@ -334,6 +334,11 @@ def test_translation_eval_tells_a_translator_from_the_identity(silhouettes, tmp_
     swap = evaluate_translation(tmp_path, cfg, Translator({"AtoB": held["B"], "BtoA": held["A"]}), Path("step-0"), {})
     assert swap["translation_accuracy_ab"] > 0.85 and swap["translation_accuracy_ba"] > 0.85
     assert swap["fid_ab"] < identity["fid_ab"] / 3 and swap["fid_ba"] < identity["fid_ba"] / 3
+    # The floor is the target domain's own held-out images: translations that are those images sit on it.
+    for key in ("ab", "ba"):
+        assert swap[f"fid_{key}"] == pytest.approx(swap[f"fid_{key}_floor"]) and swap[f"fid_{key}_ratio"] == pytest.approx(1.0)
+        assert swap[f"kid_{key}"] == pytest.approx(swap[f"kid_{key}_floor"])
+        assert identity[f"fid_{key}_ratio"] > 3 and identity[f"kid_{key}"] > identity[f"kid_{key}_floor"]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert {"translation_accuracy_ab", "translation_accuracy_ba", "fid_ab", "fid_ba", "cycle_l1_a", "cycle_l1_b"} <= set(saved)
 
@@ -347,6 +352,6 @@ def test_gannet_eval_scores_a_cyclegan_run(silhouettes, tmp_path):
            "train.checkpoint_every=4", "optim.g.decay_from=2", "optim.d.decay_from=2", "log.wandb=disabled",
            f"run_dir={run_dir}")
     out = gannet("eval", str(run_dir)).stdout
-    assert "translation accuracy A->B" in out and "held-out cycle L1" in out
+    assert "translation accuracy A->B" in out and "held-out cycle L1" in out and "real floor" in out
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert 0 <= result["translation_accuracy_ab"] <= 1 and result["cycle_l1_a"] > 0

@@ -420,7 +420,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "translation_accuracy_ab" in r:  # a translation run (CycleGAN)
         print(f"{args.run_dir} ({r['checkpoint']}, held-out {r['heldout']}, features: {r['extractor']})\n"
               f"  translation accuracy A->B {r['translation_accuracy_ab']:.1%}  B->A {r['translation_accuracy_ba']:.1%}\n"
-              f"  FID A->B {r['fid_ab']:.2f}  B->A {r['fid_ba']:.2f}\n"
+              f"  FID A->B {r['fid_ab']:.2f} (real floor {r['fid_ab_floor']:.2f}: {r['fid_ab_ratio']:.2f}x)  "
+              f"B->A {r['fid_ba']:.2f} (real floor {r['fid_ba_floor']:.2f}: {r['fid_ba_ratio']:.2f}x)\n"
+              f"  KID A->B {r['kid_ab']:.4f} (real floor {r['kid_ab_floor']:.4f})  B->A {r['kid_ba']:.4f} "
+              f"(real floor {r['kid_ba_floor']:.4f})\n"
               f"  held-out cycle L1 A {r['cycle_l1_a']:.4f}  B {r['cycle_l1_b']:.4f}\n"
               + "".join(f"  warning: {w}\n" for w in r["divergence"]["warnings"])
               + f"  wrote {args.run_dir / 'eval' / 'eval.json'} and translations.png")

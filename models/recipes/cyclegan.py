@@ -23,14 +23,15 @@ engine per optimizer keeps DDP and DeepSpeed on the same path. Checkpoints, the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gannet.models import networks
+from gannet.models import augment, ema, networks
 from gannet.models.recipes import register
 from gannet.models.recipes.base import Examples, Generator, GeneratorInput, Recipe, RecipeParams, Step, d_scale
 from gannet.trainer.config.schema import Config
@@ -46,11 +47,23 @@ class CycleGANParams(RecipeParams):
     lambda_b: float = 10.0  # weight of the cycle loss B -> A -> B
     lambda_identity: float = 0.5  # identity loss weight as a fraction of lambda_a/lambda_b (0 = off)
     pool_size: int = 50  # past fakes kept per discriminator (0 = D sees only the newest fakes)
+    # Not in the paper, for small data: DiffAugment (Zhao et al. 2020) of every image either D sees,
+    # real or fake, in D's step and in G's step alike, with `diffaugment`'s ops; and an EMA of both
+    # generators (half-life in thousands of images, 0 = off; ramp-up as recipe.ema_rampup of the
+    # noise GANs) that `gannet sample` / `gannet eval` translate with (`--raw`: the trained ones).
+    augment: Literal["none", "diffaugment"] = "none"
+    diffaugment: str = "translation,cutout"
+    ema_kimg: float = 0.0
+    ema_rampup: float = 0.05
 
     def validate(self) -> None:
-        for key in ("lambda_a", "lambda_b", "lambda_identity", "pool_size"):
+        for key in ("lambda_a", "lambda_b", "lambda_identity", "pool_size", "ema_kimg", "ema_rampup"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"recipe.{key}={getattr(self, key)} must be >= 0")
+        try:
+            augment.parse_policy(self.diffaugment)
+        except ValueError as err:
+            raise ConfigError(f"recipe.diffaugment: {err}") from None
 
 
 class Pair(nn.ModuleDict):
@@ -107,12 +120,21 @@ class CycleGAN(Recipe):
                               "write them with `gannet shards unpaired --a DIR --b DIR --out DIR`")
         super().__init__(params, cfg, examples)
         self.pools = {"A": ImagePool(params.pool_size), "B": ImagePool(params.pool_size)}
+        self.ops = augment.parse_policy(params.diffaugment) if params.augment == "diffaugment" else []
+        self.ema_images = 0
 
     def build(self) -> dict[str, nn.Module]:
         model, data = self.cfg.model, self.cfg.data
         make_g = lambda: networks.build(networks.GENERATORS, model.generator, model, data)  # noqa: E731
         make_d = lambda: networks.build(networks.DISCRIMINATORS, model.discriminator, model, data)  # noqa: E731
-        return {"G": Pair({"AB": make_g(), "BA": make_g()}), "D": Pair({"A": make_d(), "B": make_d()})}
+        nets = {"G": Pair({"AB": make_g(), "BA": make_g()}), "D": Pair({"A": make_d(), "B": make_d()})}
+        if self.params.ema_kimg > 0:
+            nets["G_ema"] = copy.deepcopy(nets["G"])  # not optimised: the engine keeps it without gradients
+        return nets
+
+    def judge(self, D: nn.Module, x: torch.Tensor, domain: str) -> torch.Tensor:
+        """D's output on what it sees of an image: DiffAugment'ed when recipe.augment says so."""
+        return D(augment.diff_augment(x, self.ops) if self.ops else x, domain)
 
     def iteration(self, step: Step) -> dict[str, torch.Tensor]:
         G, D, p = step.nets["G"], step.nets["D"], self.params
@@ -124,8 +146,8 @@ class CycleGAN(Recipe):
                 real_b = batch["image_b"].to(real_a.dtype)
                 fake_b, fake_a = G(real_a, "AB"), G(real_b, "BA")
                 terms = {
-                    "gan_ab": lsgan(D(fake_b, "B"), 1.0),
-                    "gan_ba": lsgan(D(fake_a, "A"), 1.0),
+                    "gan_ab": lsgan(self.judge(D, fake_b, "B"), 1.0),
+                    "gan_ba": lsgan(self.judge(D, fake_a, "A"), 1.0),
                     "cycle_a": p.lambda_a * F.l1_loss(G(fake_b, "BA").float(), real_a.float()),
                     "cycle_b": p.lambda_b * F.l1_loss(G(fake_a, "AB").float(), real_b.float()),
                 }
@@ -135,11 +157,14 @@ class CycleGAN(Recipe):
                 loss_g = sum(terms.values())
                 step.update("G", loss_g)
                 fakes.append((real_a, real_b, fake_a.detach(), fake_b.detach()))
+        if "G_ema" in step.nets and "G" not in step.skipped:  # a skipped (non-finite) step leaves the average
+            self.follow(step)
 
         for real_a, real_b, fake_a, fake_b in fakes:  # the fakes G made before its update, as the reference
             pooled_b = self.pools["B"].query(fake_b)  # the reference queries B's pool first (backward_D_A)
             pooled_a = self.pools["A"].query(fake_a)
-            outs = {dom: (D(real, dom), D(fake, dom)) for dom, real, fake in (("B", real_b, pooled_b), ("A", real_a, pooled_a))}
+            outs = {dom: (self.judge(D, real, dom), self.judge(D, fake, dom))
+                    for dom, real, fake in (("B", real_b, pooled_b), ("A", real_a, pooled_a))}
             loss_d = sum(0.5 * (lsgan(real_out, 1.0) + lsgan(fake_out, 0.0)) for real_out, fake_out in outs.values())
             step.update("D", loss_d)
 
@@ -152,6 +177,18 @@ class CycleGAN(Recipe):
             "d_scale": d_scale(*(out for pair in outs.values() for out in pair)),
         }
 
+    def follow(self, step: Step) -> None:
+        """G_ema <- the EMA of both generators after G's update (models.ema: StyleGAN2-ADA's rule)."""
+        batch = self.cfg.data.batch_size * step.accumulation * step.world
+        beta = ema.ema_beta(batch, self.ema_images, self.params.ema_kimg * 1000, self.params.ema_rampup)
+        with step.gathered("G") as G:
+            ema.update_average(step.nets["G_ema"], G, beta)
+        self.ema_images += batch
+
+    def translator(self, nets: Mapping[str, nn.Module]) -> nn.Module:
+        """The generator pair that translates: the EMA where the run keeps one (unless `sample_raw`)."""
+        return nets["G_ema"] if "G_ema" in nets and not self.sample_raw else nets["G"]
+
     def equilibrium(self) -> dict[str, float]:
         """LSGAN with targets 0/1: D answers 1/2 when it cannot tell; loss_d sums both discriminators."""
         return {"loss_d": 0.5, "d_real": 0.5, "d_fake": 0.5, "separation": 1.0}
@@ -163,7 +200,7 @@ class CycleGAN(Recipe):
 
     def generate(self, nets: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One wide image per input: the real image, its translation, and the translation back."""
-        G = nets["G"]
+        G = self.translator(nets)
         rows = []
         for real, there, back in ((inputs["image"], "AB", "BA"), (inputs["image_b"], "BA", "AB")):
             fake = G(real, there)
@@ -172,7 +209,7 @@ class CycleGAN(Recipe):
 
     def translate(self, nets: Mapping[str, nn.Module], images: torch.Tensor, direction: str) -> torch.Tensor:
         """`gannet sample RUN --direction AtoB|BtoA`: one generator applied to a batch of real images."""
-        return nets["G"](images, DIRECTIONS[direction])
+        return self.translator(nets)(images, DIRECTIONS[direction])
 
     def generators(self, nets: Mapping[str, nn.Module]) -> dict[str, Generator]:
         """Both directions, each a plain image -> image network (fully convolutional: any H, W it accepts)."""
@@ -180,9 +217,11 @@ class CycleGAN(Recipe):
         return {direction: Generator(nets["G"][key], (image,), f"G.{key}") for direction, key in DIRECTIONS.items()}
 
     def state_dict(self) -> dict:
-        """This rank's image pools (its own past fakes)."""
-        return {dom: [image.cpu() for image in pool.images] for dom, pool in self.pools.items()}
+        """This rank's image pools (its own past fakes), and the images the EMA has seen."""
+        return {**{dom: [image.cpu() for image in pool.images] for dom, pool in self.pools.items()},
+                "ema_images": self.ema_images}
 
     def load_state_dict(self, state: dict) -> None:
         for dom, pool in self.pools.items():
             pool.images = list(state[dom])
+        self.ema_images = state.get("ema_images", 0)  # checkpoints from before the EMA option have none
