@@ -51,10 +51,10 @@ class CycleGANParams(RecipeParams):
     # real or fake, in D's step and in G's step alike, with `diffaugment`'s ops; and an EMA of both
     # generators (half-life in thousands of images, 0 = off; ramp-up as recipe.ema_rampup of the
     # noise GANs) that `gannet sample` / `gannet eval` translate with (`--raw`: the trained ones).
-    augment: Literal["none", "diffaugment"] = "none"
-    diffaugment: str = "translation,cutout"
-    ema_kimg: float = 0.0
-    ema_rampup: float = 0.05
+    augment: Literal["none", "diffaugment"] = "none"  # diffaugment: D sees every image through recipe.diffaugment's ops
+    diffaugment: str = "translation,cutout"  # DiffAugment's ops, comma-separated (color, translation, cutout)
+    ema_kimg: float = 0.0  # half-life of the generators' EMA in thousands of images (0 = off)
+    ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
 
     def validate(self) -> None:
         for key in ("lambda_a", "lambda_b", "lambda_identity", "pool_size", "ema_kimg", "ema_rampup"):
