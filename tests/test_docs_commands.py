@@ -5,7 +5,7 @@ and values are checked, `auto` resolves), so a renamed flag, command, config or 
 here with the file and line.
 
 What counts as a command line:
-- in a fenced block (not python/yaml/json/toml): each line that runs `gannet` (`gannet ...`,
+- in a fenced block (not python/yaml/json/toml/text): each line that runs `gannet` (`gannet ...`,
   `.venv/bin/gannet ...`, `python -m gannet ...`, `accelerate launch ... -m gannet ...`), after any
   `VAR=value` prefix; continuation lines (`\\`, or indented options under a synopsis) are joined
   and `# comments` dropped. In a block that
@@ -36,7 +36,7 @@ from gannet.trainer.config.loader import load_config
 from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SKIPPED_LANGUAGES = {"python", "py", "yaml", "yml", "json", "toml"}
+SKIPPED_LANGUAGES = {"python", "py", "yaml", "yml", "json", "toml", "text"}
 ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 RUNS_GANNET = re.compile(r"^([A-Za-z_]\w*=\S*\s+)*(\S*/)?gannet(\s|$)|\s-m gannet(\s|$)")
 CAPS = re.compile(r"(?<![A-Za-z])[A-Z][A-Z0-9_]*(?![a-z])")  # CONFIG, RUN_DIR, N, s3://BUCKET/PREFIX/

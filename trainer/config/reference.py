@@ -117,7 +117,7 @@ def intro(cls: type) -> str:
 
 def registered_networks() -> dict[str, str]:
     """model.generator / model.discriminator: the names registered today, appended to their meaning."""
-    from gannet.models import conditional, networks  # noqa: F401  (conditional registers its networks)
+    from gannet.models import conditional, networks, r3gan  # noqa: F401  (conditional and r3gan register their networks)
 
     return {"generator": f"; registered: {', '.join(f'`{n}`' for n in sorted(networks.GENERATORS))}",
             "discriminator": f"; registered: {', '.join(f'`{n}`' for n in sorted(networks.DISCRIMINATORS))}"}
@@ -145,7 +145,8 @@ def recipe_sections() -> list[str]:
     from gannet.models.recipes import discover
     from gannet.models.recipes.base import RecipeParams
 
-    recipes = {name: cls for name, cls in sorted(discover().items())}
+    # gannet's own recipes: one registered at run time (a plugin, a docs example) is not gannet's to document
+    recipes = {name: cls for name, cls in sorted(discover().items()) if cls.__module__.startswith("gannet.models.")}
     out = ["", "## `recipe`", "", "`recipe.name` (required) selects the GAN; the other keys of the section are "
            "that recipe's own and those of the Params classes it builds on:", "",
            "| `recipe.name` | what it is | its keys |", "| --- | --- | --- |"]
