@@ -55,6 +55,6 @@ def test_bench_step_is_for_cyclegan_only(capsys):
 def test_bench_alone_lists_its_modes_and_a_bad_key_fails_before_anything_runs(capsys):
     assert cli_main(["bench"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert listed == ["scaling", "memory", "speed", "step", "loader"]
+    assert listed == ["scaling", "memory", "speed", "step", "loader", "guard"]
     assert cli_main(["bench", "scaling", "train.stepz=5"]) == 2  # a key=value where CONFIG goes is an override
     assert "unknown key 'train.stepz'" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
         ("train.steps=0", "train.steps=0 must be > 0"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed (choose one of: auto, no, fp16, bf16)"),
         ("train.compile=maybe", "train.compile='maybe' is not allowed (choose one of: auto, on, off)"),
-        ("recipe.name=wgan", "recipe.name='wgan' is not a known recipe (choose one of: cgan, cyclegan, gan, lsgan, t2i)"),
+        ("recipe.name=wgan", "recipe.name='wgan' is not a known recipe (choose one of: cgan, cyclegan, gan, lsgan, r3gan, r3gan_cond, t2i)"),
         ("optim.g.betas=[0.5]", "optim.g.betas=[0.5] must be a list of 2 values"),
         ("recipe.d_steps=0", "recipe.d_steps=0 must be >= 1"),
         ("data.image_size=30", "data.image_size=30 does not fit DCGAN"),

@@ -138,7 +138,7 @@ def test_one_iteration_updates_all_four_networks_and_the_g_step_leaves_d_untouch
     for prefix in ("G.AB.", "G.BA.", "D.A.", "D.B."):  # all four networks moved
         assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith(prefix)), f"{prefix} did not change"
     assert all(p.requires_grad for p in engine.nets["D"].parameters())
-    assert set(out) == {"loss_g", "loss_d", "gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_a", "idt_b", "d_real", "d_fake"}
+    assert set(out) == {"loss_g", "loss_d", "gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_a", "idt_b", "d_real", "d_fake", "d_scale"}
     expected_g = sum(out[k] for k in ("gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_a", "idt_b"))
     assert out["loss_g"].item() == pytest.approx(expected_g.item(), rel=1e-5)
     assert [len(p.images) for p in recipe.pools.values()] == [2, 2]  # one batch of fakes stored per pool

@@ -99,7 +99,7 @@ def test_compiled_networks_on_two_processes_match_eager(reference, tmp_path, str
     assert re.match(r"torch.compile: [1-9]\d* graph\(s\), 0 graph break\(s\)", report), report
 
 
-@pytest.mark.parametrize("g_stage, d_stage", [(2, 3), (1, 1)])
+@pytest.mark.parametrize("g_stage, d_stage", [(2, 3), pytest.param(1, 1, marks=pytest.mark.slow)])  # [2-3] covers mixed stages; [1-1]: -m slow
 def test_deepspeed_resume_is_exact_with_per_network_zero_stages(small_shards, tmp_path, g_stage, d_stage):
     extra = {"train.strategy": "deepspeed", "optim.g.zero_stage": g_stage, "optim.d.zero_stage": d_stage,
              "train.checkpoint_every": 10, "train.sample_every": 10}

@@ -225,7 +225,9 @@ def test_every_schedule_moves_with_the_images_seen(small_shards, tmp_path):
     ADA's p (the recipe's) are each the cosine at 8k images, and the recipe counts them."""
     kimg = 0.064  # the whole cosine in 8 steps
     job = tiny_job(small_shards, tmp_path, **{"recipe.schedule_kimg": kimg, "optim.g.decay_kimg": kimg, "optim.d.decay_kimg": kimg,
-                                              "optim.d.warmup_kimg": 0.016, "recipe.augment": "ada", "recipe.augment_p": 0.5})
+                                              "optim.d.warmup_kimg": 0.016, "recipe.augment": "ada", "recipe.augment_p": 0.5,
+                                              "recipe.gamma": 0.1, "recipe.gamma_final": 0.01, "optim.g.lr": 2e-4, "optim.d.lr": 2e-4,
+                                              "optim.g.lr_final": 5e-5, "optim.d.lr_final": 5e-5})  # pinned: not the config's
     engine, r3 = job.engine, job.recipe
     for step in range(1, 6):
         out = r3.iteration(engine)

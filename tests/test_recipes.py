@@ -76,6 +76,6 @@ def test_iteration_runs_k_d_steps_then_one_g_step_through_a_frozen_d(small_shard
     assert engine.data.position.consumed[0] == 3 * cfg.data.batch_size  # a fresh real batch per D step
     assert not same(snapshot(engine.nets["G"]), g_before)
     assert all(p.requires_grad for p in engine.nets["D"].parameters())  # unfrozen after the G step
-    assert set(metrics) == {"loss_d", "loss_g", "d_real", "d_fake", "d_real_outputs", "d_fake_outputs"}
+    assert set(metrics) == {"loss_d", "loss_g", "d_real", "d_fake", "d_real_outputs", "d_fake_outputs", "d_scale"}
     assert metrics["d_real_outputs"].shape == metrics["d_fake_outputs"].shape == (cfg.data.batch_size,)  # histograms
     assert all(torch.isfinite(v).all() for v in metrics.values())

@@ -118,13 +118,14 @@ def cyclegan_step_bench(config: str, overrides: list[str], *, steps: int, out: P
     times, first = interleaved({"gannet": lambda: {k: v.item() for k, v in recipe.iteration(engine).items()},
                                 "reference": reference_step}, steps, engine.device)
     ours, theirs, ours_first, theirs_first = times["gannet"], times["reference"], first["gannet"], first["reference"]
-    engine.close()
+    params = {name: sum(p.numel() for p in engine.module(name).parameters()) for name in ("G", "D")}
+    engine.close()  # releases the networks: count them first
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     result = {
         "config": config, "overrides": overrides, "device": device, "image_size": cfg.data.image_size,
         "batch_size": cfg.data.batch_size, "steps_timed": steps,
-        "params": {name: sum(p.numel() for p in engine.module(name).parameters()) for name in ("G", "D")},
+        "params": params,
         "gannet_ms": 1000 * median(ours), "reference_ms": 1000 * median(theirs),
         "first_step_losses": {"gannet": {k: ours_first[k] for k in ("loss_g", "loss_d")}, "reference": theirs_first},
     }
