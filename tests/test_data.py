@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import webdataset as wds
 
 from gannet.trainer.config.schema import DataConfig
 from gannet.trainer.data.shards import bundled_mnist, read_idx, write_mnist_shards
-from gannet.trainer.data.stream import DataStream, ShardStream, StreamPosition, expand_urls
+from gannet.trainer.data.stream import DataStream, ShardStream, StreamPosition, expand_urls, tar_members
 from gannet.trainer.errors import ConfigError, DataError
 from tests.conftest import corrupt_copy, write_idx
 
@@ -114,3 +116,35 @@ def test_shards_smaller_than_one_batch_are_an_error_not_a_hang(small_shards):
     stream = DataStream(expand_urls(cfg.shards), cfg, rank=0, world=6, seed=0)
     with pytest.raises(DataError, match="read 100 usable sample\\(s\\) in a whole pass .* fewer than data.batch_size=128"):
         next(stream)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_lean_tar_reader_reads_what_webdatasets_reads_and_refuses_a_damaged_header(tmp_path, tar_format):
+    """Local shards are read from their headers (tar_members), not through tarfile: the same members
+    as WebDataset's reader (long names, folders, metadata skipped), and a flipped header byte or a
+    cut is a DataError (one counted error for the shard), never a silently shorter shard."""
+    from webdataset.tariterators import tar_file_iterator
+
+    path, rng = tmp_path / "t.tar", np.random.default_rng(0)
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, name in enumerate(["k1.png", "k1.cls", "deep/" + "x" * 150 + ".jpg", "__key__", "k2.txt"]):
+            data = rng.integers(0, 256, 700 * i + 3, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    with open(path, "rb") as ours, open(path, "rb") as theirs:
+        assert [(m["fname"], m["data"]) for m in tar_members(ours, str(path))] == \
+               [(m["fname"], m["data"]) for m in tar_file_iterator(theirs)]
+    raw = bytearray(path.read_bytes())
+    damaged = tmp_path / "damaged.tar"
+    raw[512 * 2 + 130] ^= 0x01  # inside the second member's header (its size field)
+    damaged.write_bytes(raw)
+    with open(damaged, "rb") as f, pytest.raises(DataError, match="damaged tar header"):
+        list(tar_members(f, str(damaged)))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:2000])
+    with open(cut, "rb") as f, pytest.raises(DataError, match="truncated"):
+        list(tar_members(f, str(cut)))
