@@ -75,7 +75,7 @@ def test_dry_run_prints_a_loadable_config_and_the_auto_choices_and_creates_nothi
 
 @pytest.mark.parametrize("key, safe", [
     ("train.steps", True), ("train.log_every", True), ("eval.samples", True), ("log.wandb", True), ("resume", True),
-    ("train.compile", True), ("data.retry_backoff_s", True),
+    ("train.compile", True), ("data.retry_backoff_s", True), ("train.max_rollbacks", True), ("train.spike_ratio", True),
     ("model.g_width", False), ("recipe.loss", False), ("recipe.name", False), ("data.image_size", False),
     ("data.shards", False), ("optim.g.lr", False), ("seed", False), ("train.strategy", False), ("train.grad_accum", False),
 ])

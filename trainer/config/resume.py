@@ -23,6 +23,8 @@ SAFE_ON_RESUME = (
     "train.steps",  # the budget: extend or shorten the run
     "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.num_samples",
     "train.max_nonfinite", "train.on_nonfinite", "train.rollback_lr_factor", "train.dist_timeout_s",  # fault handling
+    "train.spike_window", "train.spike_threshold", "train.spike_ratio", "train.max_spikes", "train.max_rollbacks",
+    "train.rollback_skip",  # the divergence guard's thresholds: when to roll back, not what a step computes
     "train.compile", "train.compile_backend", "train.channels_last", "train.adam", "train.cpu",  # how, not what, a step computes
     "data.retries", "data.retry_backoff_s", "data.max_errors", "data.prefetch_factor",  # I/O policy, not the samples
     "eval.", "log.",  # evaluation and logging only read the run
