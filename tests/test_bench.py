@@ -58,3 +58,15 @@ def test_bench_alone_lists_its_modes_and_a_bad_key_fails_before_anything_runs(ca
     assert listed == ["scaling", "memory", "speed", "step", "loader", "guard"]
     assert cli_main(["bench", "scaling", "train.stepz=5"]) == 2  # a key=value where CONFIG goes is an override
     assert "unknown key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_bench_memory_leaves_out_a_refused_strategy_and_stops_at_missing_shards_before_any_process(small_shards, tmp_path, capsys):
+    """A penalty on D refuses ZeRO-3: the table goes on without it (with the reason), instead of failing
+    minutes in; shards that are not there stop the bench in one line, before torchrun starts."""
+    from gannet.trainer.bench.scaling import plan_strategies
+
+    config = ["lsgan_mnist", f"data.shards={small_shards}/train-*.tar", "recipe.r1_gamma=1"]
+    allowed, refused = plan_strategies(config[0], config[1:], ["ddp", "zero2", "zero3"], cpu=True)
+    assert allowed == ["ddp", "zero2"] and "optim.d.zero_stage <= 2" in refused["zero3"]
+    assert cli_main(["bench", "memory", "lsgan_mnist", f"data.shards={tmp_path}/none-*.tar", "--out", str(tmp_path / "m.json")]) == 2
+    assert "no file matches" in capsys.readouterr().err and not (tmp_path / "m.json").exists()

@@ -239,12 +239,33 @@ def memory_bench(config: str, overrides: list[str], *, world: int, strategies: l
     """Per-rank bytes under each strategy on `world` processes; the `_vs_ddp` ratios are against the first
     strategy (ddp by default)."""
     cpu = not torch.cuda.is_available()
+    strategies, refused = plan_strategies(config, overrides, strategies, cpu)
     mem = [memory(config, overrides, s, world, cpu) for s in strategies]
     for row in mem:
         row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
         row["total_vs_ddp"] = row["total"] / mem[0]["total"]
-    result = {"config": config, "overrides": overrides, "device": _device(cpu), "memory_per_rank": mem}
+    result = {"config": config, "overrides": overrides, "device": _device(cpu), "memory_per_rank": mem, "refused": refused}
     return _write(result, out, format_memory(result))
+
+
+def plan_strategies(config: str, overrides: list[str], strategies: list[str], cpu: bool) -> tuple[list[str], dict[str, str]]:
+    """Check each strategy's config and the shards here, before any process starts: a strategy the
+    config refuses (ZeRO-3 under a gradient penalty) is left out with its reason instead of failing
+    the whole table minutes in; missing shards or a refused reference strategy stop with one line."""
+    from gannet.trainer.errors import ConfigError
+
+    allowed, refused = [], {}
+    for strategy in strategies:
+        try:
+            cfg = load_config(config, [*overrides, *STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])])
+        except ConfigError as err:
+            if strategy == strategies[0]:
+                raise
+            refused[strategy] = str(err)
+            continue
+        stream_urls(cfg.data)  # the workers open these: say now if there are none
+        allowed.append(strategy)
+    return allowed, refused
 
 
 def format_scaling(result: dict[str, Any]) -> str:
@@ -266,6 +287,7 @@ def format_memory(result: dict[str, Any]) -> str:
               f"{mib(r['master'])} {mib(r['total'])}"
               f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f} {mib(r['activations'])} {mib(r['peak'])}  {mib(r['communicated'])}"
               for r in result["memory_per_rank"]]
+    lines += [f"{name:>8} refused: {why}" for name, why in result.get("refused", {}).items()]
     return "\n".join(lines)
 
 
