@@ -240,7 +240,15 @@ def memory_bench(config: str, overrides: list[str], *, world: int, strategies: l
     strategy (ddp by default)."""
     cpu = not torch.cuda.is_available()
     strategies, refused = plan_strategies(config, overrides, strategies, cpu)
-    mem = [memory(config, overrides, s, world, cpu) for s in strategies]
+    mem = []
+    for strategy in strategies:  # a later strategy that fails (out of memory) keeps the rows measured before it
+        try:
+            mem.append(memory(config, overrides, strategy, world, cpu))
+        except RuntimeError as err:
+            if not mem:
+                raise
+            killed = "SIGKILL" in str(err) or "exitcode: -9" in str(err)
+            refused[strategy] = "a rank was killed (SIGKILL: out of memory?)" if killed else str(err).splitlines()[0]
     for row in mem:
         row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
         row["total_vs_ddp"] = row["total"] / mem[0]["total"]
@@ -287,7 +295,7 @@ def format_memory(result: dict[str, Any]) -> str:
               f"{mib(r['master'])} {mib(r['total'])}"
               f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f} {mib(r['activations'])} {mib(r['peak'])}  {mib(r['communicated'])}"
               for r in result["memory_per_rank"]]
-    lines += [f"{name:>8} refused: {why}" for name, why in result.get("refused", {}).items()]
+    lines += [f"{name:>8} not measured: {why}" for name, why in result.get("refused", {}).items()]
     return "\n".join(lines)
 
 
