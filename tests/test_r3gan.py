@@ -32,7 +32,8 @@ from tests.test_distributed import assert_same_weights, harness
 from tests.test_guard import Poisoned
 from tests.test_quality import TinyD, per_sample_grads
 
-TINY = {"model.widths": "[16,16,8,8]", "data.batch_size": 8, "log.wandb": "disabled"}
+# R1 + R2 on every D step, as R3GAN (the CPU config r3gan_mnist is lazy, every 4th): each step's penalty is checked
+TINY = {"model.widths": "[16,16,8,8]", "data.batch_size": 8, "log.wandb": "disabled", "recipe.r1_every": 1}
 
 
 def overrides(shards, run_dir, **extra) -> list[str]:
@@ -67,7 +68,7 @@ def test_cosine_schedule_matches_hand_computed_values():
 
 
 def recipe(tmp_path, config="r3gan_mnist", **extra):
-    return make_recipe(load_config(config, [f"{k}={v}" for k, v in {"run_dir": tmp_path, **extra}.items()]))
+    return make_recipe(load_config(config, [f"{k}={v}" for k, v in {"run_dir": tmp_path, "recipe.r1_every": 1, **extra}.items()]))
 
 
 def test_relativistic_and_non_saturating_losses_match_hand_computed_values(tmp_path):
@@ -286,7 +287,7 @@ def test_ddp_zero_1_2_accumulation_and_compile_agree_with_one_process(tmp_path):
     at ZeRO-2 and torch.compile (aot_eager: graph capture, the penalties' double backward eager),
     end where one process with the whole batch ends, G_ema and the cosine schedules included."""
     switches = ["model.widths=[16,16,8,8]", "recipe.schedule_kimg=0.064", "optim.g.decay_kimg=0.064",
-                "optim.d.decay_kimg=0.064", "recipe.ema_kimg=0.032"]
+                "optim.d.decay_kimg=0.064", "recipe.ema_kimg=0.032", "recipe.r1_every=1"]
 
     def run(name: str, processes: int, *extra: str) -> dict[str, torch.Tensor]:
         return harness(tmp_path / f"{name}.st", processes, *switches, *extra, config="r3gan_mnist")
