@@ -31,6 +31,7 @@ from gannet.trainer.config.loader import load_config
 from gannet.trainer.data.stream import ShardExamples, open_stream, stream_urls
 from gannet.trainer.engine.distributed import free_port
 from gannet.trainer.engine.setup import setup
+from gannet.trainer.errors import ConfigError
 from gannet.trainer.tracking.tracker import read_metrics
 
 STRATEGIES = {"ddp": [], "zero1": ["train.strategy=deepspeed", "optim.g.zero_stage=1", "optim.d.zero_stage=1"],
@@ -239,7 +240,7 @@ def memory_bench(config: str, overrides: list[str], *, world: int, strategies: l
     """Per-rank bytes under each strategy on `world` processes; the `_vs_ddp` ratios are against the first
     strategy (ddp by default)."""
     cpu = not torch.cuda.is_available()
-    strategies, refused = plan_strategies(config, overrides, strategies, cpu)
+    strategies, not_measured = plan_strategies(config, overrides, strategies, cpu)
     mem = []
     for strategy in strategies:  # a later strategy that fails (out of memory) keeps the rows measured before it
         try:
@@ -248,11 +249,11 @@ def memory_bench(config: str, overrides: list[str], *, world: int, strategies: l
             if not mem:
                 raise
             killed = "SIGKILL" in str(err) or "exitcode: -9" in str(err)
-            refused[strategy] = "a rank was killed (SIGKILL: out of memory?)" if killed else str(err).splitlines()[0]
+            not_measured[strategy] = "a rank was killed (SIGKILL: out of memory?)" if killed else str(err).splitlines()[0]
     for row in mem:
         row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
         row["total_vs_ddp"] = row["total"] / mem[0]["total"]
-    result = {"config": config, "overrides": overrides, "device": _device(cpu), "memory_per_rank": mem, "refused": refused}
+    result = {"config": config, "overrides": overrides, "device": _device(cpu), "memory_per_rank": mem, "not_measured": not_measured}
     return _write(result, out, format_memory(result))
 
 
@@ -260,8 +261,6 @@ def plan_strategies(config: str, overrides: list[str], strategies: list[str], cp
     """Check each strategy's config and the shards here, before any process starts: a strategy the
     config refuses (ZeRO-3 under a gradient penalty) is left out with its reason instead of failing
     the whole table minutes in; missing shards or a refused reference strategy stop with one line."""
-    from gannet.trainer.errors import ConfigError
-
     allowed, refused = [], {}
     for strategy in strategies:
         try:
@@ -295,7 +294,7 @@ def format_memory(result: dict[str, Any]) -> str:
               f"{mib(r['master'])} {mib(r['total'])}"
               f" {r['optimizer_vs_ddp']:>9.2f} {r['total_vs_ddp']:>9.2f} {mib(r['activations'])} {mib(r['peak'])}  {mib(r['communicated'])}"
               for r in result["memory_per_rank"]]
-    lines += [f"{name:>8} not measured: {why}" for name, why in result.get("refused", {}).items()]
+    lines += [f"{name:>8} not measured: {why}" for name, why in result.get("not_measured", {}).items()]
     return "\n".join(lines)
 
 
