@@ -58,9 +58,17 @@ def _env(cpu: bool, processes: int) -> dict[str, str]:
     return env
 
 
+def _strategy_overrides(strategy: str, cpu: bool) -> list[str]:
+    return [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
+
+
 def _check(result: subprocess.CompletedProcess, what: str) -> None:
+    """A failed launch as one first line a table can show: a rank the OS killed (torchrun reports
+    SIGKILL / exit -9, nearly always memory) is named as such; torchrun's own exit code says only 1."""
     if result.returncode != 0:
-        raise RuntimeError(f"bench {what} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        killed = "SIGKILL" in result.stderr or "exitcode: -9" in result.stderr
+        why = "a rank was killed (SIGKILL: out of memory?)" if killed else f"exit {result.returncode}"
+        raise RuntimeError(f"bench {what} failed: {why}\n{result.stderr[-3000:]}")
 
 
 def throughput(config: str, overrides: list[str], processes: int, steps: int, cpu: bool) -> dict[str, Any]:
@@ -203,8 +211,7 @@ def memory_worker(out: str, config: str, overrides: list[str]) -> None:
 
 def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bool) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        extra = [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
-        args = ["-m", "gannet.trainer.bench.scaling", out.name, config, *overrides, *extra]
+        args = ["-m", "gannet.trainer.bench.scaling", out.name, config, *overrides, *_strategy_overrides(strategy, cpu)]
         result = subprocess.run(_launch(world, args), env=_env(cpu, world), capture_output=True, text=True)
         _check(result, f"memory under {strategy}")
         report = json.loads(Path(out.name).read_text())
@@ -248,8 +255,7 @@ def memory_bench(config: str, overrides: list[str], *, world: int, strategies: l
         except RuntimeError as err:
             if not mem:
                 raise
-            killed = "SIGKILL" in str(err) or "exitcode: -9" in str(err)
-            not_measured[strategy] = "a rank was killed (SIGKILL: out of memory?)" if killed else str(err).splitlines()[0]
+            not_measured[strategy] = str(err).splitlines()[0]
     for row in mem:
         row["optimizer_vs_ddp"] = row["optimizer"] / mem[0]["optimizer"]
         row["total_vs_ddp"] = row["total"] / mem[0]["total"]
@@ -264,13 +270,14 @@ def plan_strategies(config: str, overrides: list[str], strategies: list[str], cp
     allowed, refused = [], {}
     for strategy in strategies:
         try:
-            cfg = load_config(config, [*overrides, *STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])])
+            cfg = load_config(config, [*overrides, *_strategy_overrides(strategy, cpu)])
         except ConfigError as err:
             if strategy == strategies[0]:
                 raise
             refused[strategy] = str(err)
             continue
-        stream_urls(cfg.data)  # the workers open these: say now if there are none
+        if not allowed:  # the strategies share the shards: the workers open these, so say now if there are none
+            stream_urls(cfg.data)
         allowed.append(strategy)
     return allowed, refused
 
