@@ -73,15 +73,17 @@ def test_bench_memory_leaves_out_a_refused_strategy_and_stops_at_missing_shards_
 
 
 def test_a_launch_killed_for_memory_is_named_in_the_first_line_a_table_shows():
-    """torchrun exits 1 whatever happened to a rank; a rank the OS killed reads as such, as
+    """torchrun exits 1 whatever happened to a rank; a rank (or a plain child) the OS killed reads as such, as
     `bench memory` shows a strategy it could not measure (the stderr is torchrun's own wording)."""
     import subprocess
 
-    from gannet.trainer.bench.scaling import _check
+    from gannet.trainer.bench.scaling import check_launch
 
     killed = subprocess.CompletedProcess([], 1, "", "  exitcode  : -9 (pid: 20337)\n  traceback : Signal 9 (SIGKILL) received by PID 20337")
     with pytest.raises(RuntimeError) as err:
-        _check(killed, "memory under zero1")
-    assert str(err.value).splitlines()[0] == "bench memory under zero1 failed: a rank was killed (SIGKILL: out of memory?)"
+        check_launch(killed, "memory under zero1")
+    assert str(err.value).splitlines()[0] == "bench memory under zero1 failed: killed by the OS (SIGKILL: out of memory?)"
+    with pytest.raises(RuntimeError, match=r"^bench speed sngan failed: killed by the OS"):  # a plain child (bench speed)
+        check_launch(subprocess.CompletedProcess([], -9, "", ""), "speed sngan")
     with pytest.raises(RuntimeError, match=r"^bench memory under ddp failed: exit 1\n"):
-        _check(subprocess.CompletedProcess([], 1, "", "ConfigError: bad"), "memory under ddp")
+        check_launch(subprocess.CompletedProcess([], 1, "", "ConfigError: bad"), "memory under ddp")

@@ -62,12 +62,13 @@ def _strategy_overrides(strategy: str, cpu: bool) -> list[str]:
     return [*STRATEGIES[strategy], *(["train.cpu=true"] if cpu else [])]
 
 
-def _check(result: subprocess.CompletedProcess, what: str) -> None:
-    """A failed launch as one first line a table can show: a rank the OS killed (torchrun reports
-    SIGKILL / exit -9, nearly always memory) is named as such; torchrun's own exit code says only 1."""
+def check_launch(result: subprocess.CompletedProcess, what: str) -> None:
+    """A failed launch as one first line a table can show: a process the OS killed (torchrun reports
+    SIGKILL / exit -9 for a rank, nearly always memory, while its own exit code says only 1; a plain
+    child exits -9) is named as such. Every bench mode that starts processes reads failures here."""
     if result.returncode != 0:
-        killed = "SIGKILL" in result.stderr or "exitcode: -9" in result.stderr
-        why = "a rank was killed (SIGKILL: out of memory?)" if killed else f"exit {result.returncode}"
+        killed = result.returncode == -9 or "SIGKILL" in result.stderr or "exitcode: -9" in result.stderr
+        why = "killed by the OS (SIGKILL: out of memory?)" if killed else f"exit {result.returncode}"
         raise RuntimeError(f"bench {what} failed: {why}\n{result.stderr[-3000:]}")
 
 
@@ -78,7 +79,7 @@ def throughput(config: str, overrides: list[str], processes: int, steps: int, cp
         if cpu and processes > 1:
             args.append("train.cpu=true")
         result = subprocess.run(_launch(processes, args), env=_env(cpu, processes), capture_output=True, text=True)
-        _check(result, f"throughput on {processes} process(es)")
+        check_launch(result, f"throughput on {processes} process(es)")
         last = read_metrics(Path(tmp, "run"))[-1]
     ips = last["perf/images_per_s"]
     return {"processes": processes, "images_per_s": ips,
@@ -213,7 +214,7 @@ def memory(config: str, overrides: list[str], strategy: str, world: int, cpu: bo
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         args = ["-m", "gannet.trainer.bench.scaling", out.name, config, *overrides, *_strategy_overrides(strategy, cpu)]
         result = subprocess.run(_launch(world, args), env=_env(cpu, world), capture_output=True, text=True)
-        _check(result, f"memory under {strategy}")
+        check_launch(result, f"memory under {strategy}")
         report = json.loads(Path(out.name).read_text())
     totals = {k: sum(net[k] for net in report["networks"].values()) for k in ("params", "grads", "optimizer", "master")}
     activations = max(net["activations"] for net in report["networks"].values())  # one update's graph at a time

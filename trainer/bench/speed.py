@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gannet.trainer.bench import loader as loaderbench
+from gannet.trainer.bench.scaling import check_launch
 from gannet.trainer.bench.step import interleaved, reference_cyclegan_step
 from gannet.trainer.config.loader import load_config
 from gannet.trainer.config.schema import Config
@@ -165,8 +166,7 @@ def speed_bench(overrides: list[str], *, steps: int, seconds: float, out: Path, 
             cmd = [sys.executable, "-m", "gannet.trainer.bench.speed", model, str(row_file), str(steps), str(seconds),
                    *data[model], *overrides]
             done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"bench speed {model} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            check_launch(done, f"speed {model}")
             result["models"][model] = json.loads(row_file.read_text())
     result["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
