@@ -100,6 +100,34 @@ def test_resuming_under_changed_networks_recipe_or_data_stops_with_one_line_nami
     assert f"run: resumes {run} from step-00000002, 9 generator steps" in capsys.readouterr().out
 
 
+def test_a_run_resumes_exactly_from_shards_that_moved_but_not_from_other_shards(small_shards, tmp_path, capsys):
+    """Node-local scratch on a requeued job: the same shard files by name, another folder. The run
+    continues as if nothing moved; fewer shards, or a glob whose files cannot be compared, are refused."""
+    from safetensors.torch import load_file
+
+    from gannet.trainer.tracking.tracker import read_metrics
+    from tests.conftest import without_perf
+
+    listed = "train-{000000..000005}.tar"
+    moved = tmp_path / "scratch"
+    shutil.copytree(small_shards, moved)
+    run = lambda path, shards, steps, *extra: cli_main(["train", "lsgan_mnist", *tiny_overrides(  # noqa: E731
+        shards, path, **{"data.shards": f"{shards}/{listed}", "train.steps": steps, "train.checkpoint_every": 2,
+                         "train.log_every": 1}), *extra])
+    assert run(tmp_path / "straight", small_shards, 4) == 0
+    assert run(tmp_path / "run", small_shards, 2) == 0
+    capsys.readouterr()
+    assert run(tmp_path / "run", moved, 4, f"data.shards={moved}/train-{{000000..000004}}.tar", "resume=auto") == 2
+    assert "another data.shards (" in capsys.readouterr().err
+    assert run(tmp_path / "run", moved, 4, f"data.shards={moved}/train-*.tar", "resume=auto") == 2
+    assert "another data.shards (" in capsys.readouterr().err
+    assert run(tmp_path / "run", moved, 4, "resume=auto") == 0
+    for name in ("G", "D"):
+        a, b = (load_file(str(tmp_path / r / "checkpoints" / "step-00000004" / f"{name}.safetensors")) for r in ("straight", "run"))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{name} weights differ"
+    assert without_perf(read_metrics(tmp_path / "run")) == without_perf(read_metrics(tmp_path / "straight"))
+
+
 def test_unsafe_changes_compare_only_keys_both_configs_have():
     saved = config_to_dict(load_config("gan_mnist"))
     now = config_to_dict(load_config("lsgan_mnist"))  # another recipe: its own parameters are not listed one by one

@@ -9,11 +9,20 @@ would break the run or, worse, quietly make it something else. So every key is u
 listed here: what only steers the run from now on (its budget, its cadence of logs, samples and
 checkpoints, its evaluation and logging, how each step is computed rather than what it computes,
 how faults and I/O are handled) and where the run is found.
+
+Shards may move (node-local scratch on a requeued Slurm job, local disk -> object store): a changed
+`data.shards` / `data.shards_b` is accepted when it lists the same shard files by name, in the same
+order, in another place. The stream's saved position counts samples in that list, so the names are
+what must match, not the folder. A glob (`a-*.tar`) names no files until it is matched, and the old
+folder may be gone, so a glob may not move.
 """
 
 from __future__ import annotations
 
+import glob
 from typing import Any
+
+import braceexpand
 
 from gannet.trainer.errors import ConfigError
 
@@ -29,6 +38,19 @@ SAFE_ON_RESUME = (
     "data.retries", "data.retry_backoff_s", "data.max_errors", "data.prefetch_factor",  # I/O policy, not the samples
     "eval.", "log.",  # evaluation and logging only read the run
 )
+
+
+MOVABLE = ("data.shards", "data.shards_b")  # safe to change when only the place changes (shard_names)
+
+
+def shard_names(pattern: str) -> list[str] | None:
+    """The file names a shard pattern lists, without where they are: brace ranges expanded, the
+    folder / bucket / host dropped ("data/mnist/train-{0..1}.tar" -> ["train-0.tar", "train-1.tar"]);
+    None for a glob or a bucket prefix, whose files are only known once listed."""
+    urls = [url for part in pattern.split(",") for url in braceexpand.braceexpand(part.strip())]
+    if any(glob.has_magic(url) or url.endswith("/") for url in urls):
+        return None
+    return [url.rsplit("/", 1)[-1] for url in urls]
 
 
 def is_safe(key: str) -> bool:
@@ -51,7 +73,10 @@ def unsafe_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
     change on resume, with (saved, new) values. Keys one side lacks (another recipe's parameters, a
     key added in a later gannet) are not compared; a changed recipe shows as recipe.name."""
     old, now = flatten(saved), flatten(new)
-    return {key: (old[key], now[key]) for key in sorted(old.keys() & now.keys()) if old[key] != now[key] and not is_safe(key)}
+    moved = {key for key in MOVABLE if key in old and key in now
+             and shard_names(str(old[key])) is not None and shard_names(str(old[key])) == shard_names(str(now[key]))}
+    return {key: (old[key], now[key]) for key in sorted(old.keys() & now.keys())
+            if old[key] != now[key] and not is_safe(key) and key not in moved}
 
 
 def check_resumable(saved: dict[str, Any], new: dict[str, Any], run_dir: str) -> None:
@@ -63,4 +88,5 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any], run_dir: str) ->
     more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
     raise ConfigError(f"{run_dir} was trained with another {shown}{more}: its checkpoints cannot continue under networks, "
                       f"recipe, data or optimizer settings they were not trained with. Undo the change, or start a new run "
-                      f"(run_dir=... or name=...); safe to change on resume: train.steps, log/sample/checkpoint cadence, eval.*, log.*")
+                      f"(run_dir=... or name=...); safe to change on resume: train.steps, log/sample/checkpoint cadence, eval.*, log.*, "
+                      f"and data.shards where the same brace-listed shard files moved")
