@@ -349,9 +349,12 @@ def test_gannet_eval_scores_a_cyclegan_run(silhouettes, tmp_path):
     full = silhouettes["full"]
     gannet("train", "cyclegan_silhouettes", f"data.shards={full}/a-*.tar", f"data.shards_b={full}/b-*.tar",
            "model.g_width=4", "model.d_width=4", "train.steps=4", "train.log_every=2", "train.sample_every=4",
-           "train.checkpoint_every=4", "optim.g.decay_from=2", "optim.d.decay_from=2", "log.wandb=disabled",
+           "train.checkpoint_every=2", "optim.g.decay_from=2", "optim.d.decay_from=2", "log.wandb=disabled",
            f"run_dir={run_dir}")
-    out = gannet("eval", str(run_dir)).stdout
+    out = gannet("eval", str(run_dir), "--steps", "all").stdout
     assert "translation accuracy A->B" in out and "held-out cycle L1" in out and "real floor" in out
+    assert "step 2: FID ratio A->B" in out and "step 4:" not in out  # earlier checkpoints as history lines, the last in full
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert 0 <= result["translation_accuracy_ab"] <= 1 and result["cycle_l1_a"] > 0
+    assert [row["step"] for row in result["over_steps"]] == [2, 4] and result["checkpoint"] == "step-00000004"
+    assert result["over_steps"][-1]["fid_ba_ratio"] == result["fid_ba_ratio"]

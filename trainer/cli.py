@@ -418,7 +418,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.run_dir, n=args.n, heldout_pattern=args.heldout, steps=args.steps, raw=args.raw)
     if "translation_accuracy_ab" in r:  # a translation run (CycleGAN)
-        print(f"{args.run_dir} ({r['checkpoint']}, held-out {r['heldout']}, features: {r['extractor']})\n"
+        history = "".join(f"  step {row['step']}: FID ratio A->B {row['fid_ab_ratio']:.2f}x  B->A {row['fid_ba_ratio']:.2f}x  "
+                          f"cycle L1 A {row['cycle_l1_a']:.4f}  B {row['cycle_l1_b']:.4f}\n" for row in r["over_steps"][:-1])
+        print(f"{args.run_dir} ({r['checkpoint']}, held-out {r['heldout']}, features: {r['extractor']})\n{history}"
               f"  translation accuracy A->B {r['translation_accuracy_ab']:.1%}  B->A {r['translation_accuracy_ba']:.1%}\n"
               f"  FID A->B {r['fid_ab']:.2f} (real floor {r['fid_ab_floor']:.2f}: {r['fid_ab_ratio']:.2f}x)  "
               f"B->A {r['fid_ba']:.2f} (real floor {r['fid_ba_floor']:.2f}: {r['fid_ba_ratio']:.2f}x)\n"

@@ -227,15 +227,18 @@ def evaluate(run_dir: Path, *, n: int | None = None, heldout_pattern: str | None
     on it, unless `raw`."""
     cfg, recipe, kept = open_run(run_dir, {k: v for k, v in {"samples": n, "heldout": heldout_pattern}.items() if v})
     recipe.sample_raw = raw
-    if recipe.translates:  # CycleGAN: held-out translations, both ways; and the divergence guard's account
-        result = evaluate_translation(run_dir, cfg, recipe, kept[max(kept)], load_networks(recipe, kept[max(kept)]))
-        result["divergence"] = divergence(run_dir, cfg)
-        (run_dir / "eval" / "eval.json").write_text(json.dumps(result, indent=2))
-        return result
     wanted = [max(kept)] if steps == "latest" else sorted(kept) if steps == "all" else sorted(int(x) for x in steps.split(","))
     missing = [s for s in wanted if s not in kept]
     if missing:
         raise ConfigError(f"--steps: no checkpoint for step(s) {missing} in {run_dir} (kept: {sorted(kept)})")
+    if recipe.translates:  # CycleGAN: held-out translations, both ways; and the divergence guard's account
+        over_steps = []
+        for step in wanted:  # the grid and eval.json are the last (latest) step's
+            result = evaluate_translation(run_dir, cfg, recipe, kept[step], load_networks(recipe, kept[step]))
+            over_steps.append({"step": step, **{k: v for k, v in result.items() if isinstance(v, float)}})
+        result.update(over_steps=over_steps, divergence=divergence(run_dir, cfg))
+        (run_dir / "eval" / "eval.json").write_text(json.dumps(result, indent=2))
+        return result
     evaluator = Evaluator(cfg)
     over_steps = []
     for step in wanted:
