@@ -141,22 +141,25 @@ class DiscriminativeBasis(nn.Module):
 
 
 class Plan:
-    """Per-stage widths, blocks and cardinality for one image size, checked against the config."""
+    """Per-stage widths, blocks and cardinality for one image size, checked against the config.
+    `discriminator`: D's plan, from `model.d_widths` where set (a small-compute G may need more
+    channels than its D: measured in docs/results.md), else the same as G's."""
 
-    def __init__(self, model: ModelConfig, data: DataConfig):
+    def __init__(self, model: ModelConfig, data: DataConfig, discriminator: bool = False):
         stages = math.log2(data.image_size / 4) + 1
         if not (stages == int(stages) and 2 <= stages <= 9):
             raise ConfigError(f"data.image_size={data.image_size} does not fit R3GAN's networks (a power of two from 8 to 1024)")
         n = int(stages)
-        self.widths = list(model.widths)
+        own = discriminator and bool(model.d_widths)
+        self.widths = list(model.d_widths if own else model.widths)
         self.blocks = list(model.blocks) or [2] * n  # every official preset: 2 blocks per stage
         self.cardinality = list(model.cardinality) or [w * model.expansion // GROUP_CHANNELS for w in self.widths]
-        for key, values in (("widths", self.widths), ("blocks", self.blocks), ("cardinality", self.cardinality)):
+        for key, values in (("d_widths" if own else "widths", self.widths), ("blocks", self.blocks), ("cardinality", self.cardinality)):
             if len(values) != n:
                 raise ConfigError(f"model.{key} needs {n} values for data.image_size={data.image_size} "
                                   f"(one per stage: 4x4 up to {data.image_size}x{data.image_size}); got {values}")
         if min(self.widths) < 1 or min(self.blocks) < 0 or model.expansion < 1:
-            raise ConfigError(f"model.widths={self.widths} must be >= 1, blocks={self.blocks} >= 0, expansion={model.expansion} >= 1")
+            raise ConfigError(f"model.{'d_widths' if own else 'widths'}={self.widths} must be >= 1, blocks={self.blocks} >= 0, expansion={model.expansion} >= 1")
         for width, groups in zip(self.widths, self.cardinality):
             if groups < 1 or (width * model.expansion) % groups:
                 raise ConfigError(f"model.cardinality={self.cardinality}: each must divide its stage's width x expansion "
@@ -201,7 +204,7 @@ class R3GANDiscriminator(nn.Module):
 
     def __init__(self, model: ModelConfig, data: DataConfig, conditional: bool = False):
         super().__init__()
-        plan = Plan(model, data)
+        plan = Plan(model, data, discriminator=True)
         width = plan.widths
         self.from_image = conv(data.channels, width[-1], 1)
         last = len(width) - 1

@@ -183,6 +183,19 @@ def test_network_plans_that_cannot_work_are_one_line_config_errors(extra, messag
         R3GANGenerator(cfg.model, cfg.data)
 
 
+def test_d_widths_give_d_its_own_plan_and_leave_g_alone():
+    both = load_config("r3gan_mnist", ["model.widths=[32,16,16,8]"])
+    own = load_config("r3gan_mnist", ["model.widths=[32,16,16,8]", "model.d_widths=[16,16,8,8]"])
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(R3GANGenerator(own.model, own.data)) == count(R3GANGenerator(both.model, both.data))
+    D = R3GANDiscriminator(own.model, own.data)
+    assert D.from_image.out_channels == 8 and count(D) < count(R3GANDiscriminator(both.model, both.data))
+    assert D(torch.randn(2, 1, 32, 32)).shape == (2,)
+    bad = load_config("r3gan_mnist", ["model.d_widths=[16,16,8]"])
+    with pytest.raises(ConfigError, match=r"model.d_widths needs 4 values for data.image_size=32"):
+        R3GANDiscriminator(bad.model, bad.data)
+
+
 def test_recipe_settings_that_cannot_work_are_refused_when_the_config_loads(tmp_path):
     for extra, message in [({"recipe.r1_gamma": 1}, "leave r1_gamma"), ({"recipe.augment_p": 0.3}, "needs recipe.augment=ada"),
                            ({"model.widths": "[16, x]"}, r"model.widths\[1\]='x' must be an integer"),

@@ -51,6 +51,7 @@ class ModelConfig:
     # R3GAN's networks (generator/discriminator: r3gan, r3gan_cond): one value per stage from 4x4 up to
     # data.image_size, in G's order (D mirrors them)
     widths: list[int] = field(default_factory=list)  # r3gan: each stage's channels, 4x4 first
+    d_widths: list[int] = field(default_factory=list)  # r3gan: D's own widths, same order ([] = D mirrors `widths`)
     blocks: list[int] = field(default_factory=list)  # r3gan: residual blocks per stage ([] = 2 each)
     cardinality: list[int] = field(default_factory=list)  # r3gan: groups of each block's 3x3 conv ([] = 16 expanded channels per group)
     expansion: int = 2  # r3gan: the blocks' 1x1 expansion factor
