@@ -196,6 +196,16 @@ def test_d_widths_give_d_its_own_plan_and_leave_g_alone():
         R3GANDiscriminator(bad.model, bad.data)
 
 
+def test_g_output_tanh_squashes_the_same_network_and_linear_is_the_paper():
+    linear = load_config("r3gan_mnist", ["model.widths=[16,16,8,8]"])
+    squashed = load_config("r3gan_mnist", ["model.widths=[16,16,8,8]", "model.g_output=tanh"])
+    assert linear.model.g_output == "linear"
+    G, T = R3GANGenerator(linear.model, linear.data), R3GANGenerator(squashed.model, squashed.data)
+    T.load_state_dict(G.state_dict())  # no parameters of its own
+    z = torch.randn(4, linear.model.z_dim) * 8
+    assert G(z).abs().max() > 1 and torch.allclose(T(z), torch.tanh(G(z)))
+
+
 def test_recipe_settings_that_cannot_work_are_refused_when_the_config_loads(tmp_path):
     for extra, message in [({"recipe.r1_gamma": 1}, "leave r1_gamma"), ({"recipe.augment_p": 0.3}, "needs recipe.augment=ada"),
                            ({"model.widths": "[16, x]"}, r"model.widths\[1\]='x' must be an integer"),

@@ -55,6 +55,7 @@ class ModelConfig:
     blocks: list[int] = field(default_factory=list)  # r3gan: residual blocks per stage ([] = 2 each)
     cardinality: list[int] = field(default_factory=list)  # r3gan: groups of each block's 3x3 conv ([] = 16 expanded channels per group)
     expansion: int = 2  # r3gan: the blocks' 1x1 expansion factor
+    g_output: Literal["linear", "tanh"] = "linear"  # r3gan: G's last activation; linear as the paper (photos), tanh for data that sits at the ends of the range (MNIST's black background)
 
 
 @dataclass
