@@ -19,7 +19,7 @@ Modern GAN Baseline", NeurIPS 2024): a plain modern ConvNet for G and D, as the 
   embedding (Miyato & Koyama's projection).
 G's output is not squashed (no tanh), as in the paper; sampling clamps to [-1, 1]. `model.g_output=tanh`
 squashes it, for data whose pixels sit at the ends of the range: on MNIST an unbounded G must learn
-to land exactly on -1 for the background, which D sees at once (FID 137 against ~500 at step 500,
+to land exactly on -1 for the background, which D sees at once (FID 137 against 432 at step 500,
 docs/results.md).
 """
 
