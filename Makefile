@@ -80,7 +80,7 @@ clean-data:
 docs: $(STAMP)
 	$(BIN)/python -m gannet.trainer.config.reference > docs/config.md
 
-# The README's sample grids (docs/img/*.png): trains every bundled model in full first (~1 h on 2 CPU cores).
+# The README's sample grids (docs/img/*.png): trains every bundled model in full first (~1.5 h on 2 CPU cores).
 .PHONY: figures
 figures: $(STAMP)
 	$(BIN)/python docs/img/make_figures.py

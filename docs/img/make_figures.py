@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "img"
 GANNET = str(ROOT / ".venv" / "bin" / "gannet")
 # Cheapest first, so the pictures of the short runs exist early.
-CONFIGS = ["sngan_mnist", "gan_mnist", "lsgan_mnist", "cgan_mnist", "t2i_mnist", "cyclegan_silhouettes"]
+CONFIGS = ["sngan_mnist", "gan_mnist", "lsgan_mnist", "cgan_mnist", "t2i_mnist", "cyclegan_silhouettes", "r3gan_mnist"]
 T2I_FROM, T2I_TO = "a thin upright one", "a thick eight slanted to the right"
 
 
