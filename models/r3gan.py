@@ -18,9 +18,9 @@ Modern GAN Baseline", NeurIPS 2024): a plain modern ConvNet for G and D, as the 
   embedding is concatenated to z, and D's last layer gives a vector projected on a class
   embedding (Miyato & Koyama's projection).
 G's output is not squashed (no tanh), as in the paper; sampling clamps to [-1, 1]. `model.g_output=tanh`
-squashes it, for data whose pixels sit at the ends of the range: on MNIST an unbounded G must learn
-to land exactly on -1 for the background, which D sees at once (FID 137 against 432 at step 500,
-docs/results.md).
+squashes it, for data whose pixels sit at the ends of the range: on MNIST an unbounded G must land
+exactly on -1 for the background, which a tanh reaches by saturating (FID 137 against 432 at step
+500, docs/results.md).
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ class DiscriminativeBasis(nn.Module):
 
 class Plan:
     """Per-stage widths, blocks and cardinality for one image size, checked against the config.
-    `discriminator`: D's plan, from `model.d_widths` where set (a small-compute G may need more
-    channels than its D: measured in docs/results.md), else the same as G's."""
+    `discriminator`: D's plan, from `model.d_widths` where set (the official code always mirrors
+    G's; sizing the two apart is how a bottleneck in one of them is found), else the same as G's."""
 
     def __init__(self, model: ModelConfig, data: DataConfig, discriminator: bool = False):
         stages = math.log2(data.image_size / 4) + 1

@@ -53,6 +53,12 @@ def shard_names(pattern: str) -> list[str] | None:
     return [url.rsplit("/", 1)[-1] for url in urls]
 
 
+def same_shards(old: str, new: str) -> bool:
+    """Whether two shard patterns list the same files by name, wherever they are."""
+    names = shard_names(old)
+    return names is not None and names == shard_names(new)
+
+
 def is_safe(key: str) -> bool:
     return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_ON_RESUME)
 
@@ -73,8 +79,7 @@ def unsafe_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
     change on resume, with (saved, new) values. Keys one side lacks (another recipe's parameters, a
     key added in a later gannet) are not compared; a changed recipe shows as recipe.name."""
     old, now = flatten(saved), flatten(new)
-    moved = {key for key in MOVABLE if key in old and key in now
-             and shard_names(str(old[key])) is not None and shard_names(str(old[key])) == shard_names(str(now[key]))}
+    moved = {key for key in MOVABLE if key in old and key in now and same_shards(str(old[key]), str(now[key]))}
     return {key: (old[key], now[key]) for key in sorted(old.keys() & now.keys())
             if old[key] != now[key] and not is_safe(key) and key not in moved}
 
