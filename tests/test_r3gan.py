@@ -21,6 +21,7 @@ from gannet.models.recipes import make_recipe
 from gannet.models.schedules import cosine_decay_with_warmup
 from gannet.trainer.checkpoint.statefile import load_state
 from gannet.trainer.config.loader import load_config
+from gannet.trainer.config.schema import ModelConfig
 from gannet.trainer.data.shards import pad_to
 from gannet.trainer.data.stream import open_stream, stream_urls
 from gannet.trainer.engine.setup import setup
@@ -197,9 +198,9 @@ def test_d_widths_give_d_its_own_plan_and_leave_g_alone():
 
 
 def test_g_output_tanh_squashes_the_same_network_and_linear_is_the_paper():
-    linear = load_config("r3gan_mnist", ["model.widths=[16,16,8,8]"])
+    linear = load_config("r3gan_mnist", ["model.widths=[16,16,8,8]", "model.g_output=linear"])
     squashed = load_config("r3gan_mnist", ["model.widths=[16,16,8,8]", "model.g_output=tanh"])
-    assert linear.model.g_output == "linear"
+    assert ModelConfig().g_output == "linear" and load_config("r3gan_cifar10").model.g_output == "linear"  # the paper's
     G, T = R3GANGenerator(linear.model, linear.data), R3GANGenerator(squashed.model, squashed.data)
     T.load_state_dict(G.state_dict())  # no parameters of its own
     z = torch.randn(4, linear.model.z_dim) * 8
