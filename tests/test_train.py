@@ -52,7 +52,9 @@ def test_every_registered_recipe_trains_on_real_shards(recipe, mnist_shards, sil
     assert all(math.isfinite(r[k]) for r in rows for k in ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"))
     final = run / "checkpoints" / "step-00000010"
     assert {f"{name}.safetensors" for name in load_state(final / "shared")["networks"]} <= {p.name for p in final.iterdir()}
-    assert np.asarray(Image.open(run / "samples" / "step-00000010.png")).std() > 10  # drawn, not blank
+    # drawn, not blank (a blank grid has std 0; a tanh G such as r3gan_mnist's learns the black
+    # background within these 10 steps, so its faint strokes give std ~5)
+    assert np.asarray(Image.open(run / "samples" / "step-00000010.png")).std() > 2
 
 
 @pytest.mark.parametrize("config, extra", [
