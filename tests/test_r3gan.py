@@ -173,6 +173,27 @@ def test_blocks_start_as_the_identity_and_resampling_is_the_lowpass_filter(tmp_p
     assert D(images, labels).shape == (4,) and not torch.allclose(D(images, labels), D(images, labels.flip(0)))
 
 
+def test_downsample_compiles_with_inductor_and_equals_the_filter(tmp_path, monkeypatch):
+    """torch.compile (inductor, train.compile's default backend) of downsample and its backward:
+    the eager form's two chained pools crash inductor's backward in torch 2.13, so under compile it
+    takes the slices, which must give the same filter and the same input gradient."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a fresh cache: really compiled here
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    k = lowpass_kernel()[None, None]
+
+    def reference(y):
+        return F.conv2d(y.reshape(6, 1, 8, 8), k, stride=2, padding=1).reshape(2, 3, 4, 4)
+
+    weights = torch.randn(2, 3, 4, 4)
+    compiled = torch.compile(lambda y: (downsample(y) * weights).sum(), backend="inductor")
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out, x)
+    (expected,) = torch.autograd.grad((reference(x) * weights).sum(), x)
+    assert torch.allclose(out, (reference(x) * weights).sum(), atol=1e-5)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"model.widths": "[16,16,8]"}, r"model.widths needs 4 values for data.image_size=32"),
     ({"data.image_size": 28}, r"data.image_size=28 does not fit R3GAN"),
