@@ -102,7 +102,7 @@ def downsample(x: torch.Tensor) -> torch.Tensor:
     three box filters of width 2 in a row, the last at stride 2: three 2x2 average pools, the
     fastest form eagerly on CPUs. Under torch.compile the same filter is taken as strided slices:
     inductor (torch 2.13) fails to compile the backward of a stride-2 pool after a stride-1 one
-    ("vr must not be None for symbol q2"), and fuses the slices into one kernel."""
+    ("vr must not be None for symbol q2") and compiles the slices."""
     if torch.compiler.is_compiling():
         return _downsample_by_slices(x)
     y = F.avg_pool2d(F.avg_pool2d(F.pad(x, [1, 1, 1, 1]), 2, 1), 2, 1)
