@@ -10,7 +10,7 @@ from PIL import Image
 
 from gannet.trainer.config.loader import load_config
 from gannet.trainer.data.stream import expand_urls, first_images
-from gannet.trainer.evaluation.evaluate import classifier_for, memorization
+from gannet.trainer.evaluation.evaluate import Evaluator, classifier_for, memorization
 from gannet.trainer.evaluation.metrics import frechet_distance
 from gannet.trainer.tracking.tracker import read_metrics
 from tests.conftest import gannet, tiny_overrides
@@ -31,6 +31,24 @@ def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_p
     real_vs_noise = frechet_distance(feats["train"], feats["noise"])
     assert real_vs_heldout * 20 < real_vs_noise
     assert classifier_for(cfg, train, heldout, cache)[1] == accuracy  # served from the cache
+
+
+def test_condition_accuracy_comes_with_what_real_images_score_and_its_interval(mnist_shards):
+    """A conditional G is judged by a classifier that errs on real digits too: the score carries the
+    classifier's accuracy on the real training and held-out sets, and its 95% interval."""
+    cfg = load_config("cgan_mnist", [f"data.shards={mnist_shards}/train-*.tar", "eval.samples=500"])
+    evaluator = Evaluator(cfg)
+    images, labels = evaluator.train
+    real = evaluator.score(images[:400], labels[:400])  # a "generator" that returns real training digits
+    seen = evaluator.extractor.classify(evaluator.train_feats[:400])
+    assert real["condition_accuracy"] == (seen == labels[:400]).float().mean().item() > 0.9
+    assert set(real["condition_accuracy_real"]) == {"train", "heldout"}
+    assert abs(real["condition_accuracy_real"]["train"] - real["condition_accuracy"]) < 0.05  # a sample of the same set
+    assert 0.9 < real["condition_accuracy_real"]["heldout"] == evaluator.extractor.info["heldout_accuracy"]
+    p = real["condition_accuracy"]
+    assert real["condition_accuracy_ci95"] == 1.96 * (p * (1 - p) / 400) ** 0.5
+    wrong = evaluator.score(images[:400], (labels[:400] + 1) % 10)  # every sample asked for another class
+    assert wrong["condition_accuracy"] < 0.1 and wrong["condition_accuracy_real"] == real["condition_accuracy_real"]
 
 
 def test_memorization_check_flags_copies_and_passes_new_images(mnist_shards):

@@ -433,7 +433,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mem = r["memorization"]
     coverage = f"  classes covered {r['classes_covered']}/10 {r['class_counts']}" if "class_counts" in r else ""
     if "condition_accuracy" in r:
-        coverage += f"\n  follows its condition: the classifier sees the asked-for class in {r['condition_accuracy']:.1%} of samples"
+        sets = {"train": "of the training set", "heldout": "held out"}
+        real = ", ".join(f"{v:.1%} {sets[k]}" for k, v in r.get("condition_accuracy_real", {}).items())
+        coverage += (f"\n  follows its condition: the classifier sees the asked-for class in {r['condition_accuracy']:.1%} of samples"
+                     f" (+-{r['condition_accuracy_ci95']:.1%}, 95%)" + (f"; in real images: {real}" if real else ""))
     if "caption_agreement" in r:
         coverage += "\n  caption agreement (chance ~33%): " + ", ".join(f"{k} {v:.1%}" for k, v in r["caption_agreement"].items())
     history = "".join(f"\n  step {row['step']}: FID {row['eval/fid']:.2f}" for row in r["over_steps"][:-1])

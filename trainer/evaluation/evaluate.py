@@ -3,7 +3,8 @@
 - Features come from a digit classifier gannet trains on the run's own training shards and caches
   beside them (no download, no Inception weights needed); FID/KID and precision/recall are computed
   on its penultimate layer, and its predictions give class coverage (mode collapse shows as
-  missing classes).
+  missing classes) and, for conditional G, how often G shows the class asked, beside how often the
+  classifier itself is right on real images (it errs on odd digits, so ~97% is data-level on MNIST).
 - The memorization check answers "does it copy the training set?": each generated image's nearest
   training image (pixels and features) against the same distance for held-out real images, which
   the generator never saw. Copies sit much closer to the training set than held-out data does.
@@ -165,6 +166,13 @@ class Evaluator:
             self.train_feats = self.extractor.features(self.train[0])
             self.heldout_feats = self.extractor.features(self.heldout[0])
         self.fid_reference = frechet_distance(self.train_feats.double().numpy(), self.heldout_feats.double().numpy())
+        # What "follows its condition" can reach: the classifier's own accuracy on real images. A G
+        # that matched its training data would score the first; a higher score means fewer odd samples.
+        self.real_condition: dict[str, float] = {}
+        for name, feats, labels in (("train", self.train_feats, self.train[1]), ("heldout", self.heldout_feats, self.heldout[1])):
+            seen = self.extractor.classify(feats)
+            if seen is not None and (labels >= 0).all():
+                self.real_condition[name] = (seen == labels).float().mean().item()
 
     def score(self, generated: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
         """Quality of `generated`; with the classes they were asked for (`labels`, -1 = none), also
@@ -187,7 +195,9 @@ class Evaluator:
             result.update(class_counts=counts, classes_covered=sum(c >= 0.02 * len(generated) for c in counts))
             asked = labels >= 0 if labels is not None else None
             if asked is not None and asked.any():
-                result["condition_accuracy"] = (classes[asked] == labels[asked]).float().mean().item()
+                hit = (classes[asked] == labels[asked]).float().mean().item()
+                result.update(condition_accuracy=hit, condition_accuracy_ci95=1.96 * (hit * (1 - hit) / int(asked.sum())) ** 0.5,
+                              condition_accuracy_real=self.real_condition)
         return result
 
     @staticmethod
