@@ -13,7 +13,7 @@ from gannet.trainer.data.stream import expand_urls, first_images
 from gannet.trainer.evaluation.evaluate import Evaluator, classifier_for, memorization
 from gannet.trainer.evaluation.metrics import frechet_distance
 from gannet.trainer.tracking.tracker import read_metrics
-from tests.conftest import gannet, tiny_overrides
+from tests.conftest import gannet, tiny_overrides, without_perf
 
 
 def test_fid_of_held_out_real_is_small_and_of_noise_is_large(mnist_shards, tmp_path):
@@ -79,6 +79,10 @@ def test_in_training_eval_and_eval_cli_report(mnist_shards, tmp_path):
     assert report["equilibrium"]["equilibrium"] == {"loss_d": 0.25, "d_real": 0.5, "d_fake": 0.5, "separation": 1.0}
     assert (run / "eval" / "memorization.png").exists() and "FID" in out.stdout
     assert Image.open(run / "eval" / "report.png").size[0] > 800
+    # Evaluating does not change what is trained: the same run without it logs the same losses.
+    gannet("train", "lsgan_mnist", *tiny_overrides(mnist_shards, tmp_path / "plain", **{"train.steps": 60}))
+    trained = lambda r: [row for row in without_perf(read_metrics(r)) if "train/loss_d" in row]  # noqa: E731
+    assert trained(tmp_path / "plain") == trained(run)
 
 
 def test_inception_extractor_needs_its_file_and_uses_it(mnist_shards, tmp_path):
