@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "img"
 GANNET = str(ROOT / ".venv" / "bin" / "gannet")
 # Cheapest first, so the pictures of the short runs exist early.
-CONFIGS = ["sngan_mnist", "gan_mnist", "lsgan_mnist", "cgan_mnist", "t2i_mnist", "cyclegan_silhouettes", "r3gan_mnist"]
+CONFIGS = ["sngan_mnist", "gan_mnist", "lsgan_mnist", "cgan_mnist", "t2i_mnist", "cyclegan_silhouettes", "r3gan_mnist",
+           "r3gan_cmnist"]
 T2I_FROM, T2I_TO = "a thin upright one", "a thick eight slanted to the right"
 
 
@@ -79,7 +80,7 @@ def translation(config: str, run_dir: Path) -> None:
     sheet.save(OUT / f"{config}.png", optimize=True)
 
 
-DRAW = {"cgan_mnist": conditional, "t2i_mnist": text_to_image, "cyclegan_silhouettes": translation}
+DRAW = {"cgan_mnist": conditional, "r3gan_cmnist": conditional, "t2i_mnist": text_to_image, "cyclegan_silhouettes": translation}
 
 
 def main(configs: list[str]) -> None:
