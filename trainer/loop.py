@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def write_samples(cfg: Config, job: Job, tracker: Tracker, step: int, grid: dict
                           [[text, grid_array(image[None], nrow=1, pad=0)] for text, image in zip(grid["prompts"][:16], images)])
 
 
-def rng_kept(engine: Engine) -> Any:
+def rng_kept(engine: Engine) -> AbstractContextManager[None]:
     """Evaluation leaves training's random streams where they were (the classifier it builds draws
     its initial weights): a run with in-training evaluation trains exactly as one without."""
     return torch.random.fork_rng(devices=[engine.device.index or 0] if engine.device.type == "cuda" else [])
@@ -251,20 +252,16 @@ def rng_kept(engine: Engine) -> Any:
 
 def evaluate_now(cfg: Config, job: Job, tracker: Tracker, evaluator: Evaluator | None, step: int) -> None:
     """Each rank generates its share of eval.samples; rank 0 scores them all."""
-    with rng_kept(job.engine):
-        score_now(cfg, job, tracker, evaluator, step)
-
-
-def score_now(cfg: Config, job: Job, tracker: Tracker, evaluator: Evaluator | None, step: int) -> None:
     engine = job.engine
-    share = -(-cfg.eval.samples // engine.world)
-    noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
-    inputs = job.recipe.fixed_inputs(share, noise)
-    images = engine.gather(generate_samples(job, inputs).float())
-    labels = engine.gather(inputs["label"].to(engine.device)) if "label" in inputs else None
-    if evaluator is not None:
-        scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
-        tracker.log(step, Evaluator.scalars(scores))
+    with rng_kept(engine):
+        share = -(-cfg.eval.samples // engine.world)
+        noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
+        inputs = job.recipe.fixed_inputs(share, noise)
+        images = engine.gather(generate_samples(job, inputs).float())
+        labels = engine.gather(inputs["label"].to(engine.device)) if "label" in inputs else None
+        if evaluator is not None:
+            scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
+            tracker.log(step, Evaluator.scalars(scores))
 
 
 def roll_back(cfg: Config, job: Job, tracker: Tracker, watch: Watch, step: int, shard_urls: list[list[str]],
