@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,7 @@ def train(cfg: Config) -> Path:
     step, data_state = restore(cfg, job, watch, resume_from)
     engine.data = open_stream(shard_urls, cfg.data, rank=engine.rank, world=engine.world, seed=cfg.seed, state=data_state)
     tracker = Tracker(cfg.run_path, cfg, enabled=engine.is_main, start_step=step)
-    with rng_kept(engine):
-        evaluator = Evaluator(cfg) if cfg.eval.every and engine.is_main else None  # real-data features, once
+    evaluator = Evaluator(cfg) if cfg.eval.every and engine.is_main else None  # real-data features, once
     if step >= cfg.train.steps:
         log.info("%s is already at step %d of %d: nothing to do", cfg.run_path, step, cfg.train.steps)
 
@@ -244,24 +242,17 @@ def write_samples(cfg: Config, job: Job, tracker: Tracker, step: int, grid: dict
                           [[text, grid_array(image[None], nrow=1, pad=0)] for text, image in zip(grid["prompts"][:16], images)])
 
 
-def rng_kept(engine: Engine) -> AbstractContextManager[None]:
-    """Evaluation leaves training's random streams where they were (the classifier it builds draws
-    its initial weights): a run with in-training evaluation trains exactly as one without."""
-    return torch.random.fork_rng(devices=[engine.device.index or 0] if engine.device.type == "cuda" else [])
-
-
 def evaluate_now(cfg: Config, job: Job, tracker: Tracker, evaluator: Evaluator | None, step: int) -> None:
     """Each rank generates its share of eval.samples; rank 0 scores them all."""
     engine = job.engine
-    with rng_kept(engine):
-        share = -(-cfg.eval.samples // engine.world)
-        noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
-        inputs = job.recipe.fixed_inputs(share, noise)
-        images = engine.gather(generate_samples(job, inputs).float())
-        labels = engine.gather(inputs["label"].to(engine.device)) if "label" in inputs else None
-        if evaluator is not None:
-            scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
-            tracker.log(step, Evaluator.scalars(scores))
+    share = -(-cfg.eval.samples // engine.world)
+    noise = torch.Generator().manual_seed(cfg.seed + 7919 * step + engine.rank)  # apart from the training RNG
+    inputs = job.recipe.fixed_inputs(share, noise)
+    images = engine.gather(generate_samples(job, inputs).float())
+    labels = engine.gather(inputs["label"].to(engine.device)) if "label" in inputs else None
+    if evaluator is not None:
+        scores = evaluator.score(images[: cfg.eval.samples].cpu(), None if labels is None else labels[: cfg.eval.samples].cpu())
+        tracker.log(step, Evaluator.scalars(scores))
 
 
 def roll_back(cfg: Config, job: Job, tracker: Tracker, watch: Watch, step: int, shard_urls: list[list[str]],

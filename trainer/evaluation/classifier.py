@@ -31,15 +31,18 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Config, epochs: int = 4) -> DigitClassifier:
-    torch.manual_seed(0)
-    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images)).split(64):
-            loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    """Seeded with 0 on a forked RNG: the same classifier every time, and the caller's random streams
+    (a training run's, when it evaluates as it trains) stay where they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(images)).split(64):
+                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     return model.eval()
 
 
@@ -47,10 +50,11 @@ def cached_classifier(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], hel
                       cache: Path, what: str) -> tuple[DigitClassifier, float]:
     """The classifier cached at `cache` (beside the shards), else trained on `train` (images, labels)
     and saved; returns it and its accuracy on `heldout`. `what` names it in the log."""
-    model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
     meta = cache.with_suffix(".json")
     if cache.exists() and meta.exists():
-        model.load_state_dict(load_file(str(cache)))
+        with torch.device("meta"):  # no initial weights to draw: the cached ones replace them
+            model = DigitClassifier(cfg.data.channels, cfg.data.image_size)
+        model.load_state_dict(load_file(str(cache)), assign=True)
         return model.eval(), json.loads(meta.read_text())["heldout_accuracy"]
     logging.getLogger("gannet").info("training the %s on %d real images (cached in %s)", what, len(train[0]), cache)
     model = train_classifier(*train, cfg)
